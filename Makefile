@@ -1,0 +1,49 @@
+# sjd2 — `make help` lists the targets. Every target sets up .venv itself on first use.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# Why this pin: see README "Why torch 2.13.0". Override e.g. TORCH=torch==2.14.1 for CUDA machines.
+TORCH ?= torch==2.13.0
+DEEPSPEED ?= deepspeed==0.19.8
+MODEL ?= tiny
+NPROC ?= 2
+export WANDB_MODE ?= disabled
+export TOKENIZERS_PARALLELISM ?= false
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test test-full lint bench tiny-model tiny-sjd2 finetune clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q "$(TORCH)"
+	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation "$(DEEPSPEED)"
+	$(PIP) install -q -e ".[train,test]"
+	touch $@
+
+install: $(VENV)/.installed ## create .venv: torch first, then the project with train+test extras
+
+demo: install ## decode shapes prompts with every decoder on tiny, print the comparison table
+	$(PY) -m decode.demo
+
+test: install ## the fast test suite (under 15 minutes on 2 CPU cores)
+	$(PY) -m pytest -x -p no:cacheprovider
+
+test-full: install ## every test, slow ones included (multi-process DeepSpeed, long decodes)
+	$(PY) -m pytest -p no:cacheprovider -m "slow or not slow"
+
+lint: install ## ruff over the code
+	$(PIP) install -q ruff && $(VENV)/bin/ruff check .
+
+bench: install ## AR vs SJD vs SJD2 side by side on tiny: step compression, latency ratio, loop overhead
+	$(PY) -m bench.decoders
+
+tiny-model: install ## train the shapes tokenizer and the tiny model (about 45 min on 2 CPU cores)
+	$(PY) -m train.tiny_recipe
+
+clean: ## remove run outputs (keeps .venv and committed weights)
+	rm -rf outputs multirun runs

@@ -1,0 +1,238 @@
+"""The model-adapter protocol (DESIGN.md section 3).
+
+Decoders and the trainer talk to a model only through an adapter. Caches and attention masks are
+values passed to and returned from the adapter, never attributes set on it.
+
+Conventions
+-----------
+* The *image sequence* is every token the decoder generates after the prompt: head tokens
+  (e.g. ``<img_start>``, height, width), ``height`` rows of ``width`` image codes each followed by an
+  end-of-line token, then tail tokens (end of image, EOS). Generated-token index ``j`` counts from 0
+  at the first head token. AR decoding spends exactly ``layout.n_tokens`` forwards (prefill included).
+* With classifier-free guidance the batch holds two streams: row 0 conditional, row 1 unconditional.
+  Both share one cache and are cropped together.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+FREE = -1  # forced_ids() value of a position where any image code may be sampled
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """Where each generated token must be an image code and where it is forced.
+
+    ``code_start``/``code_stop`` delimit the contiguous vocabulary range of image codes
+    (which vocab id maps to which codebook entry is the adapter's business).
+    """
+
+    height: int  # rows of image codes
+    width: int  # image codes per row
+    head: tuple[int, ...]  # forced ids before the first row
+    eol: int | None  # end-of-line id after every row (None: no EOL column)
+    tail: tuple[int, ...]  # forced ids after the last row
+    code_start: int
+    code_stop: int
+
+    def __post_init__(self) -> None:
+        if self.height < 1 or self.width < 1:
+            raise ValueError(f"impossible image size: {self.height}x{self.width} codes (need >= 1x1)")
+        if self.code_stop <= self.code_start:
+            raise ValueError(f"empty image-code range [{self.code_start}, {self.code_stop})")
+
+    @property
+    def n_codes(self) -> int:
+        return self.code_stop - self.code_start
+
+    @property
+    def row_len(self) -> int:
+        return self.width + (self.eol is not None)
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens in the image sequence == forwards of plain AR decoding."""
+        return len(self.head) + self.height * self.row_len + len(self.tail)
+
+    def forced_ids(self, positions: torch.Tensor) -> torch.Tensor:
+        """Forced token id per generated-token index, ``FREE`` where an image code is sampled.
+
+        positions: LongTensor of any shape with values in [0, n_tokens).
+        """
+        pos = torch.as_tensor(positions, dtype=torch.long)
+        if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= self.n_tokens):
+            raise IndexError(f"position outside the image sequence [0, {self.n_tokens})")
+        out = torch.full_like(pos, FREE)
+        n_head, body = len(self.head), self.height * self.row_len
+        if n_head:
+            head = torch.tensor(self.head, dtype=torch.long, device=pos.device)
+            in_head = pos < n_head
+            out[in_head] = head[pos[in_head]]
+        q = pos - n_head
+        if self.eol is not None:
+            out[(q >= 0) & (q < body) & (q % self.row_len == self.width)] = self.eol
+        if self.tail:
+            tail = torch.tensor(self.tail, dtype=torch.long, device=pos.device)
+            in_tail = q >= body
+            out[in_tail] = tail[q[in_tail] - body]
+        return out
+
+    def code_mask(self, vocab_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Bool [V]: True on image-code ids."""
+        mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        mask[self.code_start : self.code_stop] = True
+        return mask
+
+    def code_grid(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Full image sequence [n_tokens] -> vocab ids of the image codes [height, width]."""
+        tokens = torch.as_tensor(tokens).reshape(-1)
+        if tokens.numel() != self.n_tokens:
+            raise ValueError(f"expected {self.n_tokens} image-sequence tokens, got {tokens.numel()}")
+        body = tokens[len(self.head) : len(self.head) + self.height * self.row_len]
+        return body.view(self.height, self.row_len)[:, : self.width]
+
+    def sequence(self, grid: torch.Tensor) -> torch.Tensor:
+        """Vocab ids of the image codes [height, width] -> full image sequence [n_tokens]."""
+        grid = torch.as_tensor(grid, dtype=torch.long)
+        if tuple(grid.shape) != (self.height, self.width):
+            raise ValueError(f"expected a {self.height}x{self.width} code grid, got {tuple(grid.shape)}")
+        rows = grid
+        if self.eol is not None:
+            rows = torch.cat([grid, torch.full((self.height, 1), self.eol, dtype=torch.long)], dim=1)
+        return torch.cat(
+            [torch.tensor(self.head, dtype=torch.long), rows.reshape(-1), torch.tensor(self.tail, dtype=torch.long)]
+        )
+
+    def violations(self, tokens: torch.Tensor) -> list[int]:
+        """Indices where a full image sequence breaks the layout (empty list: it respects it)."""
+        tokens = torch.as_tensor(tokens).reshape(-1).cpu()
+        if tokens.numel() != self.n_tokens:
+            return [min(tokens.numel(), self.n_tokens)]
+        forced = self.forced_ids(torch.arange(self.n_tokens))
+        free = forced == FREE
+        is_code = (tokens >= self.code_start) & (tokens < self.code_stop)
+        bad = (free & ~is_code) | (~free & (tokens != forced))
+        return bad.nonzero().flatten().tolist()
+
+
+@dataclass
+class Prefill:
+    """The prompt as the model sees it: row 0 conditional, row 1 (with CFG) unconditional."""
+
+    input_ids: torch.Tensor  # [B, T] left-padded
+    attention_mask: torch.Tensor  # [B, T] 1 = attend, 0 = padding / masked-out prompt
+
+
+@runtime_checkable
+class ModelAdapter(Protocol):
+    """What decoders and the trainer may use of a model (DESIGN.md section 3)."""
+
+    name: str
+    layout: ImageLayout
+    vocab_size: int
+    device: torch.device
+
+    def prompt(self, text: str, cfg: bool = True) -> Prefill:
+        """Token ids + attention mask of the prompt (2 rows with CFG: conditional, unconditional)."""
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """[B, L] ids -> [B, L, D] input embeddings (model dtype)."""
+
+    def forward(
+        self, inputs_embeds: torch.Tensor, cache: Any, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, Any]:
+        """Append a window of any length to ``cache`` (None: a new one).
+
+        inputs_embeds: [B, L, D]; attention_mask: [B, cached + L]. Returns float32 logits [B, L, V]
+        and the grown cache.
+        """
+
+    def rollback(self, cache: Any, n: int) -> Any:
+        """Drop the last ``n`` cache entries of every stream; returns the cache."""
+
+    def decode_image(self, tokens: torch.Tensor) -> Any:
+        """Full image sequence [n_tokens] -> PIL.Image through the model's image decoder."""
+
+    def encode_image(self, image: Any) -> torch.Tensor:
+        """PIL.Image -> full image sequence [n_tokens] (for training data)."""
+
+    def embedding_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean [D], std [D]) over the image-code rows of the input embedding (float32, frozen)."""
+
+    @property
+    def reserved_ids(self) -> tuple[int, ...]:
+        """Vocabulary ids the model never uses, available as SJD2 timestep (noise-level) tokens."""
+
+
+class HFAdapter:
+    """Shared plumbing for adapters over a ``transformers`` causal LM.
+
+    Subclasses set ``name``, ``layout``, ``model`` (the full LM), ``backbone`` (the module that takes
+    ``inputs_embeds`` + ``past_key_values`` and returns hidden states) and ``lm_head``, and implement
+    ``prompt``, ``decode_image``, ``encode_image`` and ``reserved_ids``.
+    """
+
+    name: str
+    layout: ImageLayout
+    model: torch.nn.Module
+    backbone: torch.nn.Module
+    lm_head: torch.nn.Module
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.lm_head.weight.shape[0])
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.backbone.get_input_embeddings()(ids.to(self.device))
+
+    @torch.no_grad()
+    def forward(
+        self, inputs_embeds: torch.Tensor, cache: Any, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, Any]:
+        from transformers import DynamicCache
+
+        if cache is None:
+            cache = DynamicCache(config=self.model.config)
+        out = self.backbone(
+            inputs_embeds=inputs_embeds.to(self.dtype),
+            past_key_values=cache,
+            attention_mask=attention_mask.to(self.device),
+            use_cache=True,
+        )
+        logits = self.lm_head(out.last_hidden_state).float()  # [B, L, V]
+        return logits, out.past_key_values
+
+    def rollback(self, cache: Any, n: int) -> Any:
+        if n < 0:
+            raise ValueError(f"rollback needs n >= 0, got {n}")
+        if n:
+            cache.crop(-n)  # transformers 5.x: a negative argument removes that many entries
+        return cache
+
+    def embedding_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        weight = self.backbone.get_input_embeddings().weight.detach().float()
+        rows = weight[self.layout.code_start : self.layout.code_stop]  # [N_codes, D]
+        return rows.mean(0), rows.std(0).clamp_min(1e-6)
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> Prefill:
+    """Left-pad token rows into a :class:`Prefill` (padding gets attention mask 0)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r) :] = 1
+    return Prefill(ids, mask)

@@ -1,0 +1,201 @@
+"""``tiny``: the embedded default model, a small Llama trained on ``shapes`` (DESIGN.md section 7).
+
+Same layout shape as the real models: ``[<img_start>, <res h>, <res w>]``, ``h`` rows of ``w`` codes
+each followed by ``<eol>``, then ``<img_end>``, ``<eos>``. The text tokenizer is word-level over the
+shapes grammar; the unconditional CFG context is the empty prompt (``<bos>`` alone).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from models.base import HFAdapter, ImageLayout, Prefill, left_pad
+
+# Vocabulary map (fixed; the word list and the codebook size come from the checkpoint's config).
+PAD, BOS, EOS, IMG_START, IMG_END, EOL = 0, 1, 2, 3, 4, 5
+RES_BASE, N_RES = 8, 32  # resolution token of a side of n codes: RES_BASE + n
+RESERVED_BASE, N_RESERVED = 40, 64  # never used by plain training: SJD2 noise-level tokens
+WORD_BASE = 104
+CODE_BASE = 256  # image code c has vocab id CODE_BASE + c
+
+DEFAULT_PATH = "models/weights/tiny"
+MAKE_HINT = "run `make tiny-model` to train it (about 45 minutes on 2 CPU cores)"
+
+
+class WordTokenizer:
+    """Word-level tokenizer over a closed vocabulary (the shapes grammar)."""
+
+    def __init__(self, words: tuple[str, ...]):
+        if len(words) > CODE_BASE - WORD_BASE:
+            raise ValueError(f"{len(words)} words do not fit the tiny vocabulary ({CODE_BASE - WORD_BASE})")
+        self.words = tuple(words)
+        self._ids = {w: WORD_BASE + i for i, w in enumerate(self.words)}
+
+    def encode(self, text: str) -> list[int]:
+        out = []
+        for w in text.lower().replace(",", " ").split():
+            if w not in self._ids:
+                raise ValueError(
+                    f"word {w!r} of prompt {text!r} is outside the tiny model's vocabulary; "
+                    f"allowed words: {' '.join(self.words)}"
+                )
+            out.append(self._ids[w])
+        return out
+
+    def decode(self, ids: list[int]) -> str:
+        return " ".join(self.words[i - WORD_BASE] for i in ids if WORD_BASE <= i < WORD_BASE + len(self.words))
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    words: tuple[str, ...]
+    n_codes: int
+    patch: int = 4  # pixels per code side (the shapes VQ)
+    hidden_size: int = 256
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 8
+    intermediate_size: int = 704
+    max_position_embeddings: int = 512
+    rope_theta: float = 10000.0
+    extra: dict = field(default_factory=dict)  # e.g. the SJD2 fine-tuning recipe that produced it
+
+    @property
+    def vocab_size(self) -> int:
+        return CODE_BASE + self.n_codes
+
+    def llama_config(self) -> LlamaConfig:
+        return LlamaConfig(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_attention_heads,
+            max_position_embeddings=self.max_position_embeddings,
+            rope_theta=self.rope_theta,
+            pad_token_id=PAD,
+            bos_token_id=BOS,
+            eos_token_id=EOS,
+            tie_word_embeddings=False,
+        )
+
+
+def tiny_layout(image_size: int, patch: int, n_codes: int) -> ImageLayout:
+    if image_size < patch or image_size % patch:
+        raise ValueError(f"impossible image size {image_size}px: must be a positive multiple of {patch}px")
+    side = image_size // patch
+    if side >= N_RES:
+        raise ValueError(f"impossible image size {image_size}px: at most {(N_RES - 1) * patch}px for tiny")
+    return ImageLayout(
+        height=side,
+        width=side,
+        head=(IMG_START, RES_BASE + side, RES_BASE + side),
+        eol=EOL,
+        tail=(IMG_END, EOS),
+        code_start=CODE_BASE,
+        code_stop=CODE_BASE + n_codes,
+    )
+
+
+class TinyAdapter(HFAdapter):
+    """Adapter over a ``LlamaForCausalLM`` and the shapes patch VQ."""
+
+    def __init__(self, model: LlamaForCausalLM, config: TinyConfig, vq: Any = None, image_size: int = 64,
+                 name: str = "tiny"):
+        self.name = name
+        self.model = model.eval()
+        self.backbone = model.model
+        self.lm_head = model.lm_head
+        self.config = config
+        self.vq = vq
+        self.tokenizer = WordTokenizer(config.words)
+        self.image_size = image_size
+        self.layout = tiny_layout(image_size, config.patch, config.n_codes)
+        longest = self.layout.n_tokens + 32
+        if longest > config.max_position_embeddings:
+            raise ValueError(
+                f"impossible image size {image_size}px: {self.layout.n_tokens} image tokens exceed the "
+                f"model's {config.max_position_embeddings} positions"
+            )
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """``<bos>`` + words (the empty string gives the unconditional context)."""
+        return [BOS] + self.tokenizer.encode(text)
+
+    def prompt(self, text: str, cfg: bool = True) -> Prefill:
+        rows = [self.prompt_ids(text)] + ([self.prompt_ids("")] if cfg else [])
+        return left_pad(rows, PAD)
+
+    @property
+    def reserved_ids(self) -> tuple[int, ...]:
+        return tuple(range(RESERVED_BASE, RESERVED_BASE + N_RESERVED))
+
+    def _need_vq(self):
+        if self.vq is None:
+            raise RuntimeError(f"this tiny model has no image tokenizer loaded; {MAKE_HINT}")
+        return self.vq
+
+    def decode_image(self, tokens: torch.Tensor):
+        grid = self.layout.code_grid(tokens.cpu()) - CODE_BASE
+        return self._need_vq().decode(grid)
+
+    def encode_image(self, image) -> torch.Tensor:
+        grid = self._need_vq().encode(image)
+        return self.layout.sequence(grid + CODE_BASE)
+
+
+def build(config: TinyConfig, seed: int = 0, vq: Any = None, image_size: int = 64) -> TinyAdapter:
+    """A randomly initialised tiny model (seeded)."""
+    torch.manual_seed(seed)
+    return TinyAdapter(LlamaForCausalLM(config.llama_config()), config, vq=vq, image_size=image_size)
+
+
+def save(adapter: TinyAdapter, path: str | Path) -> None:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = asdict(adapter.config)
+    cfg["words"] = list(cfg["words"])
+    (path / "config.json").write_text(json.dumps(cfg, indent=1))
+    state = {k: v.detach().contiguous() for k, v in adapter.model.state_dict().items()}
+    save_file(state, str(path / "model.safetensors"))
+
+
+def load(path: str | Path, device: str = "cpu", dtype: str = "float32", image_size: int = 64,
+         name: str = "tiny", vq_path: str | Path | None = None) -> TinyAdapter:
+    """Load a trained tiny model (config.json + model.safetensors) and the shapes VQ."""
+    from models import resolve_path
+    from models.shapes_vq import PatchVQ
+
+    path = resolve_path(path)
+    for f in ("config.json", "model.safetensors"):
+        if not (path / f).is_file():
+            raise FileNotFoundError(f"tiny checkpoint file {path / f} does not exist; {MAKE_HINT}")
+    raw = json.loads((path / "config.json").read_text())
+    raw["words"] = tuple(raw["words"])
+    config = TinyConfig(**raw)
+    vq_file = resolve_path(vq_path) if vq_path else path / "vq.safetensors"
+    if not Path(vq_file).is_file():
+        raise FileNotFoundError(f"shapes tokenizer {vq_file} does not exist; {MAKE_HINT}")
+    vq = PatchVQ.load(vq_file)
+    model = LlamaForCausalLM(config.llama_config())
+    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    model.to(device=device, dtype=getattr(torch, dtype))
+    return TinyAdapter(model, config, vq=vq, image_size=image_size, name=name)
+
+
+def load_from_config(cfg: Mapping[str, Any]) -> TinyAdapter:
+    """``conf/model/tiny*.yaml`` -> adapter. ``random_init: true`` builds an untrained model."""
+    if cfg.get("random_init", False):
+        from data.shapes import VOCAB
+
+        config = TinyConfig(words=tuple(VOCAB), n_codes=int(cfg.get("n_codes", 64)))
+        return build(config, seed=int(cfg.get("seed", 0)), image_size=int(cfg.get("image_size", 64)))
+    return load(cfg["path"], device=cfg.get("device", "cpu"), dtype=cfg.get("dtype", "float32"),
+                image_size=int(cfg.get("image_size", 64)), name=cfg.get("name", "tiny"),
+                vq_path=cfg.get("vq_path"))
