@@ -5,7 +5,7 @@ Scenes are 1-4 flat-coloured circles, squares and triangles on a white 64x64 can
 Captions follow a small regular grammar (lowercase, no punctuation)::
 
     caption := np | np "and" np | np relation np
-    np      := ("a" | "one") [colour] shape | ("two" | "three" | "four") [colour] shape "s"
+    np      := ("a" | "an" | "one") [colour] shape | ("two" | "three" | "four") [colour] shape "s"
     relation:= "left of" | "right of" | "above" | "below"
 
 The six GenEval tags map onto it: single_object "a circle"; two_object "a circle and a square";
@@ -49,7 +49,7 @@ VOCAB: tuple[str, ...] = (
     "a", "and", "one", "two", "three", "four",
     "circle", "square", "triangle", "circles", "squares", "triangles",
     "red", "green", "blue", "yellow", "purple", "orange",
-    "left", "right", "of", "above", "below",
+    "left", "right", "of", "above", "below", "an",
 )
 
 IMAGE_SIZE = 64
@@ -92,7 +92,8 @@ class Phrase:
     def text(self) -> str:
         colour = f"{self.color} " if self.color else ""
         if self.count is None:
-            return f"a {colour}{self.shape}"
+            rest = f"{colour}{self.shape}"
+            return f"{'an' if rest[0] in 'aeiou' else 'a'} {rest}"
         noun = self.shape if self.count == 1 else _PLURAL[self.shape]
         return f"{NUMBERS[self.count - 1]} {colour}{noun}"
 
@@ -270,7 +271,7 @@ def dataset_arrays(n: int, seed: int, category: str | None = None) -> tuple[list
 
 GRAMMAR = (
     "caption := np | np 'and' np | np relation np; "
-    "np := ('a'|'one') [colour] shape | ('two'|'three'|'four') [colour] shape+'s'; "
+    "np := ('a'|'an'|'one') [colour] shape | ('two'|'three'|'four') [colour] shape+'s'; "
     f"colour in {tuple(COLORS)}; shape in {SHAPES}; relation in {RELATIONS}"
 )
 
@@ -283,12 +284,12 @@ def _parse_np(words: list[str], text: str) -> Phrase:
     if not words:
         raise _grammar_error(text, "empty noun phrase")
     det, rest = words[0], words[1:]
-    if det == "a":
+    if det in ("a", "an"):  # the article is not checked against the next word
         count = None
     elif det in NUMBERS:
         count = NUMBERS.index(det) + 1
     else:
-        raise _grammar_error(text, f"a noun phrase must start with 'a' or a number, not {det!r}")
+        raise _grammar_error(text, f"a noun phrase must start with 'a', 'an' or a number, not {det!r}")
     color = None
     if len(rest) == 2 and rest[0] in COLORS:
         color, rest = rest[0], rest[1:]
