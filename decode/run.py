@@ -1,0 +1,449 @@
+"""The decode stage: prompts -> images + one record per image, in a self-describing run directory.
+
+Run directory contract (STYLE.md example 7; ``eval`` reads only these files)::
+
+    config.yaml              the resolved config of the run
+    env.json                 git hash, versions, device, hostname (sharded runs: env-{rank}.json)
+    images/{idx:06d}.png     one per prompt ({idx:06d}_{sample:02d}.png when images_per_prompt > 1)
+    samples.jsonl            one JSON object per finished image (sharded runs: samples-{rank}.jsonl)
+    geneval/{idx:05d}/       with prompts.geneval_folder: metadata.jsonl + samples/{sample:04d}.png
+
+Crash safety: an image is *finished* once its record line is in a ``samples*.jsonl``. The PNG is
+written first (tmp file + ``os.replace``), then the line (one write, flush, fsync). On restart a torn
+last line is cut off and every image without a record is decoded again, so a killed run loses at most
+the image in flight. The seed of an image depends only on (seed, idx, sample): never on the order,
+the sharding or the decoder, so AR and SJD runs of one seed see the same per-image generators.
+
+Sharding: rank ``r`` of ``count`` decodes the prompts with ``idx % count == r`` and appends to its own
+``samples-{r}.jsonl`` (no locks); ``eval`` merges every ``samples*.jsonl`` of the directory.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from data.prompts import Prompt, load_prompts
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO_ROOT / "conf"
+CONFIG_FILE = "config.yaml"
+# Parts of the config that must match before a run dir may be resumed (prompts.limit and
+# prompts.geneval_folder may change: they select or lay out, never alter, an image).
+IDENTITY_KEYS = ("model", "decoder", "sampling", "seed", "prompts")
+IDENTITY_IGNORED = {"prompts.limit", "prompts.geneval_folder"}
+KEY_ABBREVIATIONS = {"window": "w", "denoise_steps": "d"}  # decoder options spelled in folder names
+
+GenerateFn = Callable[..., Any]  # decode.api.generate(adapter, text, decoder_cfg, sampling, generator)
+
+
+class RunDirConflict(RuntimeError):
+    """The run directory holds results of a different configuration."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Seeds, shards, names
+
+
+def image_seed(seed: int, idx: int, sample: int = 0) -> int:
+    """Seed of one image from (run seed, prompt index, sample number): a hash, independent of order."""
+    digest = hashlib.sha256(f"sjd2-image/{int(seed)}/{int(idx)}/{int(sample)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def resolve_shard(index: int | None, count: int | None, env: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """(rank, world size): explicit values win, else torchrun's RANK/WORLD_SIZE, else SLURM's, else (0, 1)."""
+    env = os.environ if env is None else env
+    if count is None:
+        count = int(env.get("WORLD_SIZE") or env.get("SLURM_NTASKS") or 1)
+    if index is None:
+        index = int(env.get("RANK") or env.get("SLURM_PROCID") or 0)
+    if not 0 <= int(index) < int(count):
+        raise ValueError(f"shard.index={index} is outside [0, shard.count={count}); fix shard.index/shard.count")
+    return int(index), int(count)
+
+
+def samples_name(index: int, count: int) -> str:
+    """``samples.jsonl`` for a single process, ``samples-{rank}.jsonl`` for a shard."""
+    return "samples.jsonl" if count == 1 else f"samples-{index}.jsonl"
+
+
+def image_name(idx: int, sample: int, images_per_prompt: int) -> str:
+    """Path of an image relative to the run dir."""
+    return f"images/{idx:06d}.png" if images_per_prompt == 1 else f"images/{idx:06d}_{sample:02d}.png"
+
+
+def _short(x: Any) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def run_key(decoder: Any, sampling: Any) -> str:
+    """Folder-name tag of a decoder + sampling setting, e.g. ``sjd2_w96_d25_cfg3-1a2b3c``.
+
+    Key options are spelled out; the 6-hex hash covers every option, so sweeps never share a folder.
+    """
+    dec = OmegaConf.to_container(decoder, resolve=True) if isinstance(decoder, DictConfig) else dict(decoder)
+    smp = OmegaConf.to_container(sampling, resolve=True) if isinstance(sampling, DictConfig) else dict(sampling)
+    parts = [str(dec.get("name", "decoder"))]
+    parts += [f"{short}{_short(dec[k])}" for k, short in KEY_ABBREVIATIONS.items() if dec.get(k) is not None]
+    parts.append(f"cfg{_short(smp.get('cfg_scale'))}")
+    if smp.get("temperature", 1.0) != 1.0:
+        parts.append(f"t{_short(smp['temperature'])}")
+    if smp.get("top_k", 0):
+        parts.append(f"k{smp['top_k']}")
+    if smp.get("top_p", 1.0) != 1.0:
+        parts.append(f"p{_short(smp['top_p'])}")
+    digest = hashlib.sha1(json.dumps([dec, smp], sort_keys=True, default=str).encode()).hexdigest()[:6]
+    return "_".join(parts) + "-" + digest
+
+
+OmegaConf.register_new_resolver("run_key", run_key, replace=True)
+
+
+def compose_config(overrides: Iterable[str] = (), config_name: str = "decode") -> DictConfig:
+    """Compose ``conf/<config_name>.yaml`` with Hydra overrides, outside a Hydra app (demo, bench, tests)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files: atomic writes, durable appends, torn-line repair
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``path`` so that readers see the old file or the whole new one, never half of it."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_image(image: Any, path: Path) -> None:
+    """Save a PIL image as PNG atomically."""
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def append_record(path: Path, record: Mapping[str, Any]) -> None:
+    """Append one JSON line durably (a single write, then flush + fsync)."""
+    line = json.dumps(record, separators=(",", ":")) + "\n"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_records(path: Path, repair: bool = False) -> list[dict]:
+    """Records of one ``samples*.jsonl``; a torn last line (killed mid-write) is skipped.
+
+    With ``repair`` the torn tail is also cut from the file, so the next append starts a clean line.
+    A malformed line anywhere else is corruption, not a crash: that raises.
+    """
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    records, good_end, offset = [], 0, 0
+    for i, line in enumerate(lines):
+        end = offset + len(line) + 1
+        is_last = i >= len(lines) - 2  # the final line, or the text after the final newline
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if not is_last:
+                    raise ValueError(
+                        f"{path}: line {i + 1} is not valid JSON and is not the last line; the file is "
+                        "corrupt: remove that line (its image will be decoded again)"
+                    ) from None
+                break
+        if i < len(lines) - 1:  # a complete (newline-terminated) line
+            good_end = end
+        elif line.strip():  # parsed but lacks its newline: an append cut short, treat it as torn
+            records.pop()
+        offset = end
+    if repair and good_end < len(raw):
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+            f.flush()
+            os.fsync(f.fileno())
+    return records
+
+
+def sample_files(run_dir: Path) -> list[Path]:
+    """Every records file of a run dir (one per shard)."""
+    return sorted(Path(run_dir).glob("samples*.jsonl"))
+
+
+def finished(run_dir: Path) -> set[tuple[int, int]]:
+    """(idx, sample) of every image with a record in any shard's file."""
+    return {(int(r["idx"]), int(r.get("sample", 0))) for f in sample_files(run_dir) for r in read_records(f)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Run directory: config identity and environment
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, Mapping):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def config_identity(conf: Mapping[str, Any]) -> dict[str, Any]:
+    """The flattened settings that decide what an image is (see ``IDENTITY_KEYS``)."""
+    flat = _flatten({k: conf.get(k) for k in IDENTITY_KEYS})
+    return {k: v for k, v in flat.items() if k not in IDENTITY_IGNORED}
+
+
+def check_same_config(run_dir: Path, conf: Mapping[str, Any]) -> None:
+    """Refuse to add images of one configuration to a run dir that holds another's."""
+    old_file = run_dir / CONFIG_FILE
+    if not old_file.exists():
+        return
+    old = config_identity(OmegaConf.to_container(OmegaConf.load(old_file), resolve=False))
+    new = config_identity(conf)
+    diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if diffs:
+        raise RunDirConflict(
+            f"run dir {run_dir} holds results of another configuration ({'; '.join(diffs)}). "
+            "Pick another out_dir=..., or pass force=true to add to it anyway (its config.yaml is then replaced)."
+        )
+
+
+def git_hash() -> str | None:
+    """HEAD commit of the repository (``+dirty`` with uncommitted changes); None outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: torch.device | str | None) -> dict[str, Any]:
+    """What produced the numbers: code version, library versions, device, host."""
+    import transformers
+
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    return {
+        "git": git_hash(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+        "cuda": torch.version.cuda,
+        "hostname": socket.gethostname(),
+        "torch_threads": torch.get_num_threads(),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def prepare_run_dir(run_dir: Path, conf: Mapping[str, Any], force: bool) -> None:
+    """Create the run dir, refuse a mixed one (unless ``force``), write the resolved config."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "images").mkdir(exist_ok=True)
+    if not force:
+        check_same_config(run_dir, conf)
+    atomic_write_bytes(run_dir / CONFIG_FILE, OmegaConf.to_yaml(OmegaConf.create(dict(conf))).encode())
+
+
+# ---------------------------------------------------------------------------------------------------
+# One image
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
+@dataclass(frozen=True)
+class Timed:
+    """A decode result with its cost: ``latency_s`` covers token generation only (not the VQ decode)."""
+
+    result: Any
+    latency_s: float
+    peak_mem_bytes: int | None
+
+
+def timed_generate(generate_fn: GenerateFn, adapter: Any, text: str, decoder_cfg: Mapping[str, Any],
+                   sampling: Any, seed: int) -> Timed:
+    """One batch-1 decode between synchronised timers, with its own seeded generator."""
+    device = torch.device(adapter.device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    start = time.perf_counter()
+    result = generate_fn(adapter, text, decoder_cfg, sampling, generator)
+    _sync(device)
+    latency_s = time.perf_counter() - start
+    peak = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+    return Timed(result, latency_s, peak)
+
+
+def make_record(prompt: Prompt, sample: int, seed: int, image: str, timed: Timed, image_decode_s: float,
+                conf: Mapping[str, Any], shard: int) -> dict[str, Any]:
+    """The JSON line of one image (every field eval needs to recompute its metrics)."""
+    res = timed.result
+    return {
+        "idx": prompt.idx,
+        "sample": sample,
+        "prompt": prompt.prompt,
+        "category": prompt.category,
+        "seed": seed,
+        "model": conf["model"].get("name"),
+        "decoder": conf["decoder"].get("name"),
+        "image": image,
+        "n_tokens": int(res.n_tokens),
+        "n_forwards": int(res.n_forwards),
+        "latency_s": timed.latency_s,
+        "image_decode_s": image_decode_s,
+        "peak_mem_bytes": timed.peak_mem_bytes,
+        "accepted_per_forward": [int(a) for a in res.accepted_per_forward],
+        "tokens": torch.as_tensor(res.tokens).reshape(-1).tolist(),
+        "shard": shard,
+        "extra": _json_safe(getattr(res, "extra", {}) or {}),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# The stage
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What one invocation did."""
+
+    out_dir: Path
+    shard: tuple[int, int]  # (index, count)
+    n_images: int  # images this shard owns
+    n_skipped: int  # already finished before this invocation
+    n_decoded: int  # decoded now
+
+
+def _todo(prompts: list[Prompt], per_prompt: int, shard: tuple[int, int],
+          done: set[tuple[int, int]]) -> tuple[list[tuple[Prompt, int]], int]:
+    index, count = shard
+    mine = [(p, j) for p in prompts if p.idx % count == index for j in range(per_prompt)]
+    return [(p, j) for p, j in mine if (p.idx, j) not in done], len(mine)
+
+
+def write_geneval_folder(run_dir: Path, prompts: list[Prompt], per_prompt: int) -> int:
+    """GenEval's folder contract: ``geneval/{idx:05d}/metadata.jsonl`` + ``samples/{j:04d}.png`` (hard links).
+
+    Only prompts whose images are all finished are laid out. Returns the number of prompt folders.
+    """
+    done, n = finished(run_dir), 0
+    for p in prompts:
+        if not all((p.idx, j) in done for j in range(per_prompt)):
+            continue
+        folder = run_dir / "geneval" / f"{p.idx:05d}"
+        (folder / "samples").mkdir(parents=True, exist_ok=True)
+        meta = dict(p.meta) if p.meta else {"prompt": p.prompt, "tag": p.category}
+        atomic_write_bytes(folder / "metadata.jsonl", (json.dumps(meta) + "\n").encode())
+        for j in range(per_prompt):
+            src, dst = run_dir / image_name(p.idx, j, per_prompt), folder / "samples" / f"{j:04d}.png"
+            tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+            try:
+                os.link(src, tmp)
+            except OSError:
+                tmp.write_bytes(src.read_bytes())
+            os.replace(tmp, dst)
+        n += 1
+    return n
+
+
+def decode_run(cfg: DictConfig | Mapping[str, Any], *, adapter: Any = None,
+               generate_fn: GenerateFn | None = None) -> RunSummary:
+    """Decode every unfinished image of this shard into ``cfg.out_dir`` (see the module docstring).
+
+    ``adapter`` / ``generate_fn`` default to ``models.load_adapter(cfg.model)`` and
+    ``decode.api.generate``; tests pass their own.
+    """
+    conf = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    # 1. Prompts first: a missing or malformed prompt file fails before anything is written.
+    prompts = load_prompts(conf["prompts"])
+    per_prompt = int(conf["prompts"].get("images_per_prompt", 1))
+    shard = resolve_shard(conf["shard"].get("index"), conf["shard"].get("count"))
+    run_dir = Path(conf["out_dir"])
+    # 2. The run dir: refuse mixing, write config.yaml, find the finished images.
+    prepare_run_dir(run_dir, conf, force=bool(conf.get("force", False)))
+    records_path = run_dir / samples_name(*shard)
+    read_records(records_path, repair=True)
+    todo_all, n_mine = _todo(prompts, per_prompt, shard, finished(run_dir))
+    max_images = conf.get("max_images")
+    todo = todo_all if max_images is None else todo_all[: int(max_images)]
+    # 3. The model and the decoder, only when there is work.
+    n_decoded = _decode_images(conf, todo, run_dir, records_path, shard, per_prompt, adapter, generate_fn) if todo else 0
+    if conf["prompts"].get("geneval_folder"):
+        write_geneval_folder(run_dir, [p for p in prompts if p.idx % shard[1] == shard[0]], per_prompt)
+    return RunSummary(run_dir, shard, n_images=n_mine, n_skipped=n_mine - len(todo_all), n_decoded=n_decoded)
+
+
+def _decode_images(conf: Mapping[str, Any], todo: list[tuple[Prompt, int]], run_dir: Path, records_path: Path,
+                   shard: tuple[int, int], per_prompt: int, adapter: Any, generate_fn: GenerateFn | None) -> int:
+    from tqdm import tqdm
+
+    from decode.sampling import SamplingConfig
+
+    if adapter is None:
+        from models import load_adapter
+
+        adapter = load_adapter(conf["model"])
+    if generate_fn is None:
+        from decode.api import generate as generate_fn
+    sampling = SamplingConfig(**conf["sampling"])
+    decoder_cfg, seed = conf["decoder"], int(conf["seed"])
+    env_name = "env.json" if shard[1] == 1 else f"env-{shard[0]}.json"
+    atomic_write_bytes(run_dir / env_name, json.dumps(environment(adapter.device), indent=1).encode())
+    if conf.get("warmup", True):  # compile kernels, fill allocators: not part of any timing
+        timed_generate(generate_fn, adapter, todo[0][0].prompt, decoder_cfg, sampling, image_seed(seed, -1))
+    bar = tqdm(todo, desc=f"{conf['decoder'].get('name')} shard {shard[0]}/{shard[1]}",
+               disable=not conf.get("progress", True), unit="img")
+    for prompt, j in bar:
+        s = image_seed(seed, prompt.idx, j)
+        timed = timed_generate(generate_fn, adapter, prompt.prompt, decoder_cfg, sampling, s)
+        t0 = time.perf_counter()
+        image = adapter.decode_image(timed.result.tokens)
+        image_decode_s = time.perf_counter() - t0
+        name = image_name(prompt.idx, j, per_prompt)
+        save_image(image, run_dir / name)
+        append_record(records_path, make_record(prompt, j, s, name, timed, image_decode_s, conf, shard[0]))
+    return len(todo)

@@ -1,0 +1,76 @@
+"""Sweep plots: metrics (step compression, shapes score, ...) against a decoder option (matplotlib Agg, PNG).
+
+One panel per metric, x = a decoder option (``window`` by default when it varies), one line per
+(model, decoder, value of a second option such as ``denoise_steps``); runs without the x option (AR)
+are drawn as dashed horizontal reference lines.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+PREFERRED_X = ("window", "denoise_steps")
+DEFAULT_METRICS = ("step_compression", "shapes_overall", "latency_mean_s")
+
+
+def _numeric_varying_options(scores: Sequence[Mapping[str, Any]]) -> list[str]:
+    keys = sorted({k for s in scores for k, v in s["decoder_options"].items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    return [k for k in keys if len({s["decoder_options"].get(k) for s in scores if k in s["decoder_options"]}) > 1]
+
+
+def pick_axes(scores: Sequence[Mapping[str, Any]], x: str | None = None,
+              group: str | None = None) -> tuple[str | None, str | None]:
+    """(x option, grouping option): given ones win, else the varying numeric decoder options, window first."""
+    varying = _numeric_varying_options(scores)
+    ordered = [k for k in PREFERRED_X if k in varying] + [k for k in varying if k not in PREFERRED_X]
+    if x is None:
+        x = ordered[0] if ordered else None
+    if group is None:
+        rest = [k for k in ordered if k != x]
+        group = rest[0] if rest else None
+    return x, group
+
+
+def plot_sweep(scores: Sequence[Mapping[str, Any]], out_png: str | Path, x: str | None = None,
+               group: str | None = None, metrics: Sequence[str] = DEFAULT_METRICS) -> Path | None:
+    """Write the sweep plot; returns its path, or None when no decoder option varies (nothing to plot)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x, group = pick_axes(scores, x, group)
+    metrics = [m for m in metrics if any(s["metrics"].get(m) is not None for s in scores)]
+    if x is None or not metrics:
+        return None
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    lines: dict[tuple, list[Mapping[str, Any]]] = {}
+    baselines = [s for s in scores if x not in s["decoder_options"]]
+    for s in scores:
+        if x in s["decoder_options"]:
+            key = (s["model"], s["decoder"], s["decoder_options"].get(group) if group else None)
+            lines.setdefault(key, []).append(s)
+    for ax, metric in zip(axes[0], metrics):
+        for (model, decoder, g), runs in sorted(lines.items(), key=lambda kv: repr(kv[0])):
+            pts = sorted((r["decoder_options"][x], r["metrics"].get(metric)) for r in runs
+                         if r["metrics"].get(metric) is not None)
+            if pts:
+                label = f"{model} {decoder}" + (f" {group}={g}" if group else "")
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        for b in baselines:
+            if b["metrics"].get(metric) is not None:
+                ax.axhline(b["metrics"][metric], linestyle="--", color="grey", linewidth=1)
+                ax.annotate(f"{b['model']} {b['decoder']}", (0.01, b["metrics"][metric]),
+                            xycoords=("axes fraction", "data"), fontsize=7, color="grey")
+        ax.set_xlabel(x)
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return out_png

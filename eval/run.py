@@ -1,0 +1,188 @@
+"""The eval stage: run dirs -> ``scores.json`` each, plus one side-by-side table (Markdown, CSV, LaTeX).
+
+Reads only the run-dir contract of :mod:`decode.run` (config.yaml, samples*.jsonl, images/), so every
+number can be recomputed from files. Metrics are looked up in :data:`METRICS` by the names listed in
+``conf/eval/*.yaml``; a metric is a function ``fn(run: RunData, options: Mapping) -> dict[str, value]``
+that lives in its own module and is imported on first use, so scorers that need big models (FID, CLIP,
+GenEval) stay optional. To add one: write ``eval/<name>.py`` with ``<name>_metric(run, options)``, add
+an entry below, list it in a ``conf/eval/*.yaml``.
+"""
+from __future__ import annotations
+
+import glob
+import importlib
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from decode.run import CONFIG_FILE, atomic_write_bytes, read_records, sample_files
+
+SCORES_FILE = "scores.json"
+
+
+@dataclass(frozen=True)
+class RunData:
+    """One run dir as eval sees it: its resolved config and its records merged over shards."""
+
+    run_dir: Path
+    config: dict[str, Any]
+    records: list[dict[str, Any]]  # sorted by (idx, sample); one per image
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A named scorer: ``target`` = "module:function"; ``applies`` says whether a run can be scored.
+
+    The module's ``PROTOCOL`` string (the choices behind the number) is stored next to the scores.
+    """
+
+    name: str
+    target: str
+    applies: Callable[[RunData], bool] = lambda run: True
+
+
+def _prompt_kind(run: RunData) -> str | None:
+    return run.config.get("prompts", {}).get("kind")
+
+
+METRICS: dict[str, Metric] = {
+    "speed": Metric("speed", "eval.speed:speed_metric"),
+    "shapes": Metric("shapes", "eval.shapes_score:shapes_metric", applies=lambda run: _prompt_kind(run) == "shapes"),
+    # Hooks for scorers to come (their modules do not exist yet; listing them in eval.metrics says so).
+    "fid": Metric("fid", "eval.fid:fid_metric", applies=lambda run: _prompt_kind(run) in ("coco_longest", "coco_sample")),
+    "clip_score": Metric("clip_score", "eval.clip_score:clip_score_metric"),
+    "geneval": Metric("geneval", "eval.geneval:geneval_metric", applies=lambda run: _prompt_kind(run) == "geneval"),
+}
+
+
+def resolve_metric(name: str) -> tuple[Callable[[RunData, Mapping[str, Any]], dict[str, Any]], str]:
+    """(scorer function, protocol text) of ``name``; an error naming the fix when unknown or not written yet."""
+    if name not in METRICS:
+        raise ValueError(f"unknown metric {name!r}; known: {sorted(METRICS)} (fix eval.metrics in conf/eval/)")
+    module, fn = METRICS[name].target.split(":")
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
+        raise ValueError(f"metric {name!r} is not available yet ({module.replace('.', '/')}.py is missing); "
+                         "drop it from eval.metrics") from None
+    return getattr(mod, fn), getattr(mod, "PROTOCOL", "")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading run dirs
+
+
+def load_run(run_dir: str | Path) -> RunData:
+    """Config + records of a run dir, merged over its shard files (first record of an image wins)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{run_dir} is not a decode run dir (no {CONFIG_FILE}); run `python -m decode` first")
+    config = OmegaConf.to_container(OmegaConf.load(run_dir / CONFIG_FILE), resolve=False)
+    merged: dict[tuple[int, int], dict] = {}
+    for f in sample_files(run_dir):
+        for r in read_records(f):
+            merged.setdefault((int(r["idx"]), int(r.get("sample", 0))), r)
+    if not merged:
+        raise ValueError(f"{run_dir} has no finished images (no samples*.jsonl records); run decode first")
+    return RunData(run_dir, config, [merged[k] for k in sorted(merged)])
+
+
+def expand_run_dirs(run_dir: str | None, run_dirs: Sequence[str] | None) -> list[Path]:
+    """``run_dir`` and ``run_dirs`` (paths or globs) -> run dirs (those holding a config.yaml), in order."""
+    patterns = ([run_dir] if run_dir else []) + list(run_dirs or [])
+    if not patterns:
+        raise ValueError("no run dir given: pass run_dir=DIR or run_dirs=[D1,D2] (globs allowed, e.g. 'runs/tiny/shapes/*')")
+    out: list[Path] = []
+    for pat in patterns:
+        hits = sorted(glob.glob(str(pat))) if glob.has_magic(str(pat)) else [str(pat)]
+        hits = [h for h in hits if (Path(h) / CONFIG_FILE).is_file()] if glob.has_magic(str(pat)) else hits
+        if not hits:
+            raise FileNotFoundError(f"no run dir matches {pat!r}")
+        out += [Path(h) for h in hits if Path(h) not in out]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scoring
+
+
+def run_summary(run: RunData) -> dict[str, Any]:
+    """The settings a table row shows next to the numbers."""
+    c = run.config
+    decoder = dict(c.get("decoder", {}))
+    return {
+        "run_dir": str(run.run_dir),
+        "model": c.get("model", {}).get("name"),
+        "decoder": decoder.pop("name", None),
+        "decoder_options": decoder,
+        "sampling": c.get("sampling", {}),
+        "prompts": c.get("prompts", {}).get("name"),
+        "seed": c.get("seed"),
+        "n_images": len(run.records),
+    }
+
+
+def score_run(run: RunData, metrics: Sequence[str], options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Every applicable metric of one run -> the ``scores.json`` object (settings, metrics, protocols)."""
+    options = options or {}
+    scores: dict[str, Any] = {}
+    protocol: dict[str, Any] = {}
+    skipped: list[str] = []
+    for name in metrics:
+        fn, text = resolve_metric(name)
+        if not METRICS[name].applies(run):
+            skipped.append(name)
+            continue
+        opts = dict(options.get(name) or {})
+        scores.update(fn(run, opts))
+        protocol[name] = {"protocol": text, "options": opts}
+    env_files = sorted(run.run_dir.glob("env*.json"))
+    env = json.loads(env_files[0].read_text()) if env_files else None
+    return {**run_summary(run), "metrics": scores, "protocol": protocol, "skipped": skipped, "env": env}
+
+
+def evaluate_run(run_dir: str | Path, metrics: Sequence[str], options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Score one run dir and write its ``scores.json`` (atomically); returns the scores."""
+    scores = score_run(load_run(run_dir), metrics, options)
+    atomic_write_bytes(Path(run_dir) / SCORES_FILE, json.dumps(scores, indent=1).encode())
+    return scores
+
+
+def table_dir_for(run_dirs: Sequence[Path], table_dir: str | None) -> Path:
+    """Where the tables go: ``table_dir``, else the run dir itself, else the run dirs' common parent."""
+    if table_dir:
+        return Path(table_dir)
+    if len(run_dirs) == 1:
+        return run_dirs[0]
+    return Path(os.path.commonpath([str(p.resolve()) for p in run_dirs]))
+
+
+def evaluate(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The stage: score every run dir, print the side-by-side table, write md/csv/tex (+ a sweep plot)."""
+    from eval import plots, tables
+
+    metrics = list(cfg["eval"]["metrics"])
+    for name in metrics:  # fail on a typo before scoring anything
+        resolve_metric(name)
+    run_dirs = expand_run_dirs(cfg.get("run_dir"), cfg.get("run_dirs"))
+    all_scores = [evaluate_run(d, metrics, cfg["eval"].get("options")) for d in run_dirs]
+    header, rows = tables.build_table(all_scores)
+    out = table_dir_for(run_dirs, cfg.get("table_dir"))
+    out.mkdir(parents=True, exist_ok=True)
+    written = tables.write_tables(header, rows, out / cfg.get("name", "scores"), cfg.get("formats", ("md", "csv", "tex")))
+    print(tables.to_markdown(header, rows))
+    plot_cfg = cfg.get("plot") or {}
+    if plot_cfg.get("enabled", True) and len(all_scores) > 1:
+        png = plots.plot_sweep(all_scores, out / f"{cfg.get('name', 'scores')}_sweep.png",
+                               x=plot_cfg.get("x"), group=plot_cfg.get("group"))
+        if png is not None:
+            written.append(png)
+    print("wrote " + ", ".join(str(p) for p in written))
+    return all_scores
