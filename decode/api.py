@@ -1,0 +1,82 @@
+"""One entry point over every decoder: ``generate(adapter, text, decoder_cfg, sampling, generator)``.
+
+``decoder_cfg`` is a ``conf/decoder/*.yaml`` mapping: ``name`` picks the decoder from :data:`DECODERS`,
+every other key is a keyword-only option of that decoder function (the YAML field names equal the
+keyword names). Every decoder has the signature
+``fn(adapter, prefill, sampling, generator, **options) -> DecodeResult``.
+
+CFG rule: the prompt gets the unconditional stream iff ``sampling.cfg_scale != 1.0`` -- at scale 1 the
+guided logits equal the conditional ones, so the second stream would only cost compute.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any, Callable, Mapping
+
+import torch
+
+from decode.ar import ar_decode
+from decode.result import DecodeResult
+from decode.sampling import SamplingConfig
+from decode.sjd import sjd_decode
+from models.base import ModelAdapter
+
+
+class LazyDecoder:
+    """A decoder given as ``"module:function"``, imported on first use (keeps optional decoders optional)."""
+
+    def __init__(self, target: str):
+        self.target = target
+        self._fn: Callable[..., DecodeResult] | None = None
+
+    def resolve(self) -> Callable[..., DecodeResult]:
+        if self._fn is None:
+            module, name = self.target.split(":")
+            self._fn = getattr(importlib.import_module(module), name)
+        return self._fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> DecodeResult:
+        return self.resolve()(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"LazyDecoder({self.target!r})"
+
+
+DECODERS: dict[str, Callable[..., DecodeResult]] = {
+    "ar": ar_decode,
+    "sjd": sjd_decode,
+    "sjd2": LazyDecoder("decode.sjd2:sjd2_decode"),
+}
+
+
+def resolve_decoder(decoder_cfg: Mapping[str, Any]) -> tuple[Callable[..., DecodeResult], dict[str, Any]]:
+    """``{"name": ..., **options}`` -> (decoder function, its keyword options), validated."""
+    cfg = dict(decoder_cfg)
+    name = cfg.pop("name", None)
+    if name not in DECODERS:
+        raise ValueError(f"unknown decoder {name!r}; valid: {sorted(DECODERS)} (set decoder.name / decoder=<name>)")
+    fn = DECODERS[name]
+    if isinstance(fn, LazyDecoder):
+        fn = fn.resolve()
+    valid = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    unknown = sorted(set(cfg) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for decoder {name!r}; valid options: {valid}")
+    return fn, cfg
+
+
+def generate(
+    adapter: ModelAdapter,
+    text: str,
+    decoder_cfg: Mapping[str, Any],
+    sampling: SamplingConfig,
+    generator: torch.Generator,
+) -> DecodeResult:
+    """Decode one image sequence for ``text`` with the decoder ``decoder_cfg["name"]``."""
+    fn, options = resolve_decoder(decoder_cfg)
+    prefill = adapter.prompt(text, cfg=sampling.cfg_scale != 1.0)
+    return fn(adapter, prefill, sampling, generator, **options)
+
+
+__all__ = ["DECODERS", "DecodeResult", "LazyDecoder", "SamplingConfig", "generate", "resolve_decoder"]

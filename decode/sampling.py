@@ -1,0 +1,127 @@
+"""Final token distributions and sampling (DESIGN.md section 4).
+
+One function, :func:`final_probs`, turns model logits into the distribution a token is drawn from.
+It serves both the target p and the draft q of speculative decoding, so the two are always built
+the same way, in this order and in float32:
+
+1. classifier-free guidance on raw logits, ``u + s * (c - u)`` (row 0 conditional, row 1
+   unconditional; a single stream means no guidance),
+2. layout constraints per row from the generated-token index (forced id -> exactly one-hot;
+   free position -> only image codes),
+3. temperature, 4. top-k, 5. top-p, 6. softmax.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from models.base import FREE, ImageLayout
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How logits become probabilities. YAML ``sampling:`` keys equal these field names."""
+
+    cfg_scale: float = 3.0  # classifier-free guidance scale s; 1.0 = no guidance (conditional logits)
+    temperature: float = 1.0  # > 0; use top_k=1 for greedy decoding
+    top_k: int = 0  # keep the k most likely tokens; 0 = off (real models use 2000 image codes)
+    top_p: float = 1.0  # nucleus: keep the smallest set with mass >= top_p; 1.0 = off
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.cfg_scale):
+            raise ValueError(f"sampling.cfg_scale must be a finite number, got {self.cfg_scale}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(
+                f"sampling.temperature must be > 0, got {self.temperature}; for greedy decoding set "
+                "sampling.top_k=1 and keep temperature=1.0"
+            )
+        if isinstance(self.top_k, bool) or int(self.top_k) != self.top_k or self.top_k < 0:
+            raise ValueError(f"sampling.top_k must be an integer >= 0 (0 = off, 1 = greedy), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"sampling.top_p must be in (0, 1] (1.0 = off), got {self.top_p}")
+
+
+def guide(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+    """[B, L, V] raw logits -> [L, V] float32: ``u + s * (c - u)`` for B == 2, the single row for B == 1."""
+    logits = logits.float()
+    if logits.shape[0] == 1:
+        return logits[0]
+    if logits.shape[0] != 2:
+        raise ValueError(
+            f"expected 1 stream (no CFG) or 2 streams (conditional, unconditional), got {logits.shape[0]}; "
+            "decode one image at a time"
+        )
+    cond, uncond = logits[0], logits[1]
+    return uncond + cfg_scale * (cond - uncond)
+
+
+def constrain(logits: torch.Tensor, forced: torch.Tensor, layout: ImageLayout) -> torch.Tensor:
+    """Mask every non-image-code id to -inf on free rows. logits [L, V]; forced [L] (``FREE`` or an id).
+
+    Forced rows are left as they are: :func:`final_probs` replaces them by one-hot rows at the end.
+    """
+    not_code = ~layout.code_mask(logits.shape[-1], device=logits.device)  # [V]
+    free = (forced == FREE)[:, None]  # [L, 1]
+    return logits.masked_fill(free & not_code[None, :], -math.inf)
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits per row (ties at the k-th value are kept), -inf elsewhere. k=0: off."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # [L, 1]
+    return logits.masked_fill(logits < kth, -math.inf)
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep per row the most likely tokens until their mass reaches ``top_p`` (at least one). 1.0: off."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [L, V]
+    sorted_probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the strictly more likely tokens
+    drop_sorted = mass_before >= top_p
+    drop_sorted[..., 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, -math.inf)
+
+
+def final_probs(
+    logits: torch.Tensor, positions: torch.Tensor, layout: ImageLayout, sampling: SamplingConfig
+) -> torch.Tensor:
+    """Model logits -> the float32 distribution each row's token is drawn from (p and q alike).
+
+    logits: [B, L, V] (B = 2 with CFG: row 0 conditional, row 1 unconditional; B = 1 without).
+    positions: LongTensor [L], generated-token index of the token each row predicts.
+    Returns [L, V] float32 rows summing to 1; forced rows are exactly one-hot. Does not modify ``logits``.
+    """
+    if logits.dim() != 3:
+        raise ValueError(f"final_probs expects logits [B, L, V], got shape {tuple(logits.shape)}")
+    positions = torch.as_tensor(positions, dtype=torch.long, device=logits.device).reshape(-1)
+    if positions.numel() != logits.shape[1]:
+        raise ValueError(f"{positions.numel()} positions for {logits.shape[1]} logit rows")
+    forced = layout.forced_ids(positions)  # [L]
+    x = guide(logits, sampling.cfg_scale)  # [L, V] float32 (a new tensor)
+    x = constrain(x, forced, layout)
+    x = x / sampling.temperature
+    x = top_k_filter(x, sampling.top_k)
+    x = top_p_filter(x, sampling.top_p)
+    probs = torch.softmax(x, dim=-1)
+    is_forced = forced != FREE
+    if bool(is_forced.any()):
+        one_hot = torch.zeros_like(probs)
+        one_hot.scatter_(-1, forced.clamp_min(0)[:, None], 1.0)
+        probs = torch.where(is_forced[:, None], one_hot, probs)
+    return probs
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token per row: probs [L, V] (rows need not be normalised) -> LongTensor [L].
+
+    ``generator`` must live on ``probs.device`` (e.g. ``torch.Generator(device=adapter.device)``).
+    """
+    if probs.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.long, device=probs.device)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,178 @@
+"""Speculative Jacobi Decoding (SJD; Teng et al., ICLR 2025, arXiv 2410.01699): exact, training-free.
+
+One iteration feeds a window of ``k + 1`` inputs ``[x_last, d_1 .. d_k]`` (``x_last``: the newest
+committed token, not cached yet; ``d_i``: the draft for the i-th uncommitted position) in one forward
+with both CFG streams:
+
+1. the output row ``i - 1`` is the target p_i of draft ``d_i``; row ``k`` is the target of the position
+   after the last draft; one fresh token is sampled from every row;
+2. :func:`decode.speculative.accept` tests the drafts in order against their draft distributions q;
+   the accepted prefix is committed, then the residual sample at the first rejection, or, when all
+   pass, the fresh (bonus) sample of row ``k`` -- every forward commits at least one token;
+3. the cache keeps exactly the committed inputs (``x_last`` and the accepted drafts); the rest is rolled
+   back in every stream together, the attention mask with it;
+4. the fresh samples after the committed ones become the next drafts with their p as q; new slots at the
+   window's tail start as a random image code of the model's own range (``init="random"``) or a copy
+   of the spatial neighbour (``init="spatial"``), with one-hot q; forced layout positions are drafted
+   as their forced id.
+
+``jacobi_region`` says where windows are used: ``"image"`` for the code rows (EOLs included), plain AR
+(a window with no drafts) for the head and tail tokens; ``"all"`` everywhere after the prefill. The
+prefill is a plain forward that commits token 0. Step = one forward, prefill included.
+"""
+from __future__ import annotations
+
+import torch
+
+from decode.ar import check_generator, grow_mask, prefill_forward
+from decode.result import DecodeResult
+from decode.sampling import SamplingConfig, final_probs, sample
+from decode.speculative import accept
+from models.base import FREE, ImageLayout, ModelAdapter, Prefill
+
+INITS = ("random", "spatial")
+REGIONS = ("image", "all")
+
+
+def validate_options(window: int, init: str, jacobi_region: str) -> None:
+    """Clear errors for impossible SJD settings."""
+    if isinstance(window, bool) or int(window) != window or window < 1:
+        raise ValueError(f"decoder.window must be an integer >= 1 (1 = plain AR; the SJD paper uses 16), "
+                         f"got {window!r}")
+    if init not in INITS:
+        raise ValueError(f"decoder.init must be one of {list(INITS)}, got {init!r}")
+    if jacobi_region not in REGIONS:
+        raise ValueError(f"decoder.jacobi_region must be one of {list(REGIONS)}, got {jacobi_region!r}")
+
+
+def jacobi_span(layout: ImageLayout, jacobi_region: str) -> tuple[int, int]:
+    """[start, stop) of the generated-token indices whose tokens may be drafted."""
+    if jacobi_region == "all":
+        return 0, layout.n_tokens
+    start = len(layout.head)
+    return start, start + layout.height * layout.row_len
+
+
+def n_window_drafts(n_committed: int, window: int, span: tuple[int, int], n_tokens: int) -> int:
+    """Drafts k of the next window: at most ``window - 1``, only inside ``span``, none past the end."""
+    start, stop = span
+    if not start <= n_committed < stop:
+        return 0
+    return max(0, min(window - 1, stop - n_committed, n_tokens - 1 - n_committed))
+
+
+def spatial_neighbour(layout: ImageLayout, j: int) -> int | None:
+    """Index of the code left of position j (above it at a row start); None outside the grid or at (0, 0)."""
+    n_head = len(layout.head)
+    row, col = divmod(j - n_head, layout.row_len)
+    if j < n_head or row >= layout.height or col >= layout.width:
+        return None
+    if col > 0:
+        return j - 1
+    return j - layout.row_len if row > 0 else None
+
+
+def new_drafts(
+    seq: torch.Tensor, start: int, stop: int, layout: ImageLayout, init: str, generator: torch.Generator
+) -> torch.Tensor:
+    """Initial drafts for positions [start, stop), written into ``seq`` [n_tokens] and returned.
+
+    Forced positions get their forced id; free ones a random image code (``init="random"``, drawn from
+    ``generator``) or the code of their spatial neighbour in ``seq`` (``init="spatial"``; random where
+    there is none). Every such draft has a one-hot q.
+    """
+    n = stop - start
+    forced = layout.forced_ids(torch.arange(start, stop)).tolist()
+    codes = torch.randint(layout.code_start, layout.code_stop, (n,), generator=generator,
+                          device=generator.device).to(seq.device)
+    for i, j in enumerate(range(start, stop)):
+        if forced[i] != FREE:
+            seq[j] = forced[i]
+            continue
+        left = spatial_neighbour(layout, j) if init == "spatial" else None
+        seq[j] = seq[left] if left is not None else codes[i]
+    return seq[start:stop].clone()
+
+
+def one_hot(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[n] ids -> [n, V] float32 one-hot rows (the q of a deterministic draft)."""
+    q = torch.zeros(tokens.numel(), vocab_size, dtype=torch.float32, device=tokens.device)
+    return q.scatter_(1, tokens[:, None], 1.0)
+
+
+def verify_window(
+    p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, generator: torch.Generator
+) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Steps 1-2 of an iteration: p [k+1, V] targets, q [k, V], drafts [k].
+
+    Returns (n_accepted, committed tokens [n_accepted + 1], fresh samples [k + 1] of every target row).
+    """
+    k = drafts.numel()
+    fresh = sample(p, generator)  # [k + 1]
+    n_acc, token = accept(p[:k], q, drafts, generator)
+    nxt = fresh[k:] if token is None else torch.tensor([token], device=fresh.device)  # bonus or residual
+    return n_acc, torch.cat([drafts[:n_acc], nxt]), fresh
+
+
+@torch.no_grad()
+def sjd_decode(
+    adapter: ModelAdapter,
+    prefill: Prefill,
+    sampling: SamplingConfig,
+    generator: torch.Generator,
+    *,
+    window: int = 16,
+    init: str = "random",
+    jacobi_region: str = "image",
+) -> DecodeResult:
+    """Decode the image sequence with SJD; same output distribution as :func:`decode.ar.ar_decode`.
+
+    window: inputs per forward (the newest committed token + ``window - 1`` drafts); 1 = plain AR.
+    init: ``"random"`` | ``"spatial"``, the first draft of a new window slot.
+    jacobi_region: ``"image"`` (code rows incl. EOLs; AR for head/tail) | ``"all"``.
+    """
+    validate_options(window, init, jacobi_region)
+    check_generator(generator, adapter.device)
+    layout, vocab_size = adapter.layout, adapter.vocab_size
+    n_tokens, span = layout.n_tokens, jacobi_span(layout, jacobi_region)
+
+    logits, cache, mask = prefill_forward(adapter, prefill)
+    n_streams, device = mask.shape[0], mask.device
+    seq = torch.zeros(n_tokens, dtype=torch.long, device=device)  # committed, then current drafts
+    seq[:1] = sample(final_probs(logits, torch.tensor([0]), layout, sampling), generator)
+    n_committed, per_forward = 1, [1]
+    drafts = seq.new_zeros(0)  # drafts for positions n_committed, n_committed + 1, ...
+    q = torch.zeros(0, vocab_size, dtype=torch.float32, device=device)  # [n_drafts, V]
+    n_tested = n_accepted = 0
+
+    while n_committed < n_tokens:
+        k = n_window_drafts(n_committed, window, span, n_tokens)
+        drafts, q = drafts[:k], q[:k]
+        if drafts.numel() < k:  # new tail slots
+            fresh_slots = new_drafts(seq, n_committed + drafts.numel(), n_committed + k, layout, init, generator)
+            drafts, q = torch.cat([drafts, fresh_slots]), torch.cat([q, one_hot(fresh_slots, vocab_size)])
+        inputs = torch.cat([seq[n_committed - 1 : n_committed], drafts])  # [k + 1]: x_last, d_1..d_k
+        mask = grow_mask(mask, k + 1)
+        logits, cache = adapter.forward(adapter.embed(inputs.expand(n_streams, -1)), cache, mask)
+        positions = torch.arange(n_committed, n_committed + k + 1)
+        p = final_probs(logits, positions, layout, sampling)  # [k + 1, V]
+
+        n_acc, committed, fresh = verify_window(p, q, drafts, generator)
+        n_reject = k - n_acc  # uncommitted inputs: drafts n_acc+1..k
+        cache = adapter.rollback(cache, n_reject)
+        mask = mask[:, : mask.shape[1] - n_reject]
+        seq[n_committed : n_committed + n_acc + 1] = committed
+        n_committed += n_acc + 1
+        drafts, q = fresh[n_acc + 1 :], p[n_acc + 1 :]  # unaccepted fresh samples, their p as q
+        seq[n_committed : n_committed + drafts.numel()] = drafts
+        per_forward.append(n_acc + 1)
+        n_tested, n_accepted = n_tested + k, n_accepted + n_acc
+
+    return DecodeResult(
+        tokens=seq.cpu(),
+        n_forwards=len(per_forward),
+        n_tokens=n_tokens,
+        accepted_per_forward=per_forward,
+        extra={"decoder": "sjd", "window": window, "init": init, "jacobi_region": jacobi_region,
+               "n_drafts_tested": n_tested, "n_drafts_accepted": n_accepted},
+    )

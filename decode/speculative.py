@@ -1,0 +1,62 @@
+"""The speculative acceptance rule (Leviathan et al. 2023; Chen et al. 2023; SJD, Teng et al. 2025).
+
+Letters, fixed for this module and its callers:
+
+* ``p`` -- the **target** distribution: what plain AR decoding would sample the token from, given the
+  committed prefix and the drafts before it (one row per draft, from :func:`decode.sampling.final_probs`).
+* ``q`` -- the **draft** distribution the draft token ``d`` was drawn from (one-hot for a draft that
+  was set deterministically, e.g. a random or copied initial code, or a forced layout token).
+
+For i = 1, 2, ... in order: accept ``d_i`` iff ``r_i < min(1, p_i(d_i) / q_i(d_i))`` with one uniform
+``r_i`` per position; at the first rejection draw the token from the residual
+``normalize(max(0, p_i - q_i))`` and stop. The emitted token then follows p_i exactly, whatever q_i
+was, so a decoder built on this rule samples the same distribution as AR decoding.
+"""
+from __future__ import annotations
+
+import torch
+
+from decode.sampling import sample
+
+# Residual mass below this is float32 round-off of p == q (rejection then has probability ~0 and the
+# "residual" is noise): sample from p instead.
+RESIDUAL_EPS = 1e-6
+
+
+def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``normalize(max(0, p - q))`` for one row [V]; falls back to p when the residual has no mass."""
+    r = (p - q).clamp_min(0.0)
+    mass = r.sum()
+    if float(mass) <= RESIDUAL_EPS:
+        return p
+    return r / mass
+
+
+def accept(
+    p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, generator: torch.Generator
+) -> tuple[int, int | None]:
+    """Speculative test of a prefix of drafts.
+
+    p, q: [L, V] float32, row i is the target / draft distribution of ``drafts[i]``; drafts: LongTensor [L].
+    Returns ``(n_accepted, next_token)``: the first ``n_accepted`` drafts are accepted; ``next_token`` is the
+    residual sample at the first rejection, or ``None`` when all L drafts pass (the caller then takes the
+    bonus token from the target row after the last draft -- it is not drawn here).
+    Draws exactly L uniforms (none for L == 0) and one residual sample on rejection from ``generator``.
+    """
+    n = int(drafts.numel())
+    if p.shape != q.shape or p.shape[0] != n:
+        raise ValueError(f"accept needs p, q of shape [L, V] and L drafts; got p {tuple(p.shape)}, "
+                         f"q {tuple(q.shape)}, {n} drafts")
+    if n == 0:
+        return 0, None
+    rows = torch.arange(n, device=p.device)
+    p_d, q_d = p[rows, drafts], q[rows, drafts]  # [L]
+    # q_d == 0 cannot happen for a draft drawn from q; should a caller pass one, accept iff p_d > 0.
+    ratio = torch.where(q_d > 0, p_d / q_d.clamp_min(1e-30), torch.where(p_d > 0, 1.0, 0.0))
+    r = torch.rand(n, generator=generator, device=generator.device).to(p.device)  # one uniform per position
+    rejected = (r >= ratio.clamp(max=1.0)).nonzero()
+    if rejected.numel() == 0:
+        return n, None
+    i = int(rejected[0, 0])
+    token = sample(residual(p[i], q[i])[None], generator)
+    return i, int(token[0])
