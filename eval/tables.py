@@ -27,8 +27,8 @@ def _option_columns(scores: Sequence[Mapping[str, Any]]) -> list[tuple[str, str,
     """(column name, section, key) of the settings worth a column."""
     cols = []
     dec_keys = sorted({k for s in scores for k in s["decoder_options"]})
-    for k in dec_keys:
-        vals = [s["decoder_options"].get(k) for s in scores]
+    for k in dec_keys:  # among the runs that have the option (AR has no window: that is not variation)
+        vals = [s["decoder_options"][k] for s in scores if k in s["decoder_options"]]
         if k in KEY_OPTIONS or _varying(vals):
             cols.append((k, "decoder_options", k))
     for k in sorted({k for s in scores for k in s["sampling"]}):
