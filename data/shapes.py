@@ -30,13 +30,13 @@ from scipy import ndimage
 # ---------------------------------------------------------------------------------------------------
 # The world
 
-COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
+COLORS: dict[str, tuple[int, int, int]] = {  # pairwise RGB distance >= 106
+    "red": (210, 20, 20),
     "green": (30, 160, 50),
     "blue": (30, 70, 220),
-    "yellow": (240, 210, 20),
-    "purple": (140, 40, 180),
-    "orange": (250, 130, 10),
+    "yellow": (240, 230, 0),
+    "purple": (130, 40, 180),
+    "orange": (255, 125, 0),
 }
 BACKGROUND: tuple[int, int, int] = (255, 255, 255)
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
