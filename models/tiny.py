@@ -150,10 +150,19 @@ class TinyAdapter(HFAdapter):
         return self.layout.sequence(grid + CODE_BASE)
 
 
-def build(config: TinyConfig, seed: int = 0, vq: Any = None, image_size: int = 64) -> TinyAdapter:
+def build(config: TinyConfig, seed: int = 0, vq: Any = None, image_size: int = 64,
+          name: str = "tiny") -> TinyAdapter:
     """A randomly initialised tiny model (seeded)."""
     torch.manual_seed(seed)
-    return TinyAdapter(LlamaForCausalLM(config.llama_config()), config, vq=vq, image_size=image_size)
+    return TinyAdapter(LlamaForCausalLM(config.llama_config()), config, vq=vq, image_size=image_size, name=name)
+
+
+def random_vq(config: TinyConfig, seed: int = 0):
+    """A seeded random patch codebook of the config's size (random models still write images)."""
+    from models.shapes_vq import PatchVQ
+
+    g = torch.Generator().manual_seed(seed)
+    return PatchVQ(torch.rand(config.n_codes, config.patch * config.patch * 3, generator=g) * 255, patch=config.patch)
 
 
 def save(adapter: TinyAdapter, path: str | Path) -> None:
@@ -195,7 +204,9 @@ def load_from_config(cfg: Mapping[str, Any]) -> TinyAdapter:
         from data.shapes import VOCAB
 
         config = TinyConfig(words=tuple(VOCAB), n_codes=int(cfg.get("n_codes", 64)))
-        return build(config, seed=int(cfg.get("seed", 0)), image_size=int(cfg.get("image_size", 64)))
+        seed = int(cfg.get("seed", 0))
+        return build(config, seed=seed, vq=random_vq(config, seed), image_size=int(cfg.get("image_size", 64)),
+                     name=cfg.get("name", "tiny_random"))
     return load(cfg["path"], device=cfg.get("device", "cpu"), dtype=cfg.get("dtype", "float32"),
                 image_size=int(cfg.get("image_size", 64)), name=cfg.get("name", "tiny"),
                 vq_path=cfg.get("vq_path"))
