@@ -210,7 +210,8 @@ def _coords(size: int) -> tuple[np.ndarray, np.ndarray]:
     return _COORD_CACHE[size]
 
 
-def shape_mask(shape: str, cx: float, cy: float, w: float, h: float, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+def shape_mask(shape: str, cx: float, cy: float, w: float, h: float,
+               y: np.ndarray, x: np.ndarray) -> np.ndarray:
     """Boolean mask of ``shape`` filling the box (centre, w x h) at pixel centres ``y``, ``x``.
 
     Triangles point up (apex at the top middle, base along the bottom edge).
@@ -428,7 +429,8 @@ def _matches(p: Phrase, objs: list[dict]) -> list[dict]:
 def relation_holds(a: dict, b: dict, relation: str) -> bool:
     """``a <relation> b`` between centres: offset along the axis > margin and dominant over the other axis."""
     dx, dy = b["cx"] - a["cx"], b["cy"] - a["cy"]  # image y grows downwards
-    along, across = {"left of": (dx, dy), "right of": (-dx, dy), "above": (dy, dx), "below": (-dy, dx)}[relation]
+    axes = {"left of": (dx, dy), "right of": (-dx, dy), "above": (dy, dx), "below": (-dy, dx)}
+    along, across = axes[relation]
     return along > RELATION_MARGIN_PX and along > abs(across)
 
 
@@ -463,7 +465,7 @@ def score(results: Sequence[dict]) -> dict[str, float]:
 
 
 def make_eval_prompts(n_per_category: int, seed: int, limit: int | None = None) -> list[dict]:
-    """Balanced prompts, categories interleaved (so ``limit`` keeps them balanced): [{idx, category, prompt}]."""
+    """Balanced prompts [{idx, category, prompt}], categories interleaved so that ``limit`` keeps balance."""
     rng = np.random.default_rng(seed)
     rows = []
     for _ in range(n_per_category):

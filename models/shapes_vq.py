@@ -67,7 +67,9 @@ class PatchVQ:
     def __init__(self, codebook: torch.Tensor, patch: int = 4):
         codebook = torch.as_tensor(codebook, dtype=torch.float32)
         if codebook.ndim != 2 or codebook.shape[1] != patch * patch * 3:
-            raise ValueError(f"codebook must be [N, {patch * patch * 3}] for patch {patch}, got {tuple(codebook.shape)}")
+            raise ValueError(
+                f"codebook must be [N, {patch * patch * 3}] for patch {patch}, got {tuple(codebook.shape)}"
+            )
         self.codebook = codebook.contiguous()
         self.patch = int(patch)
 
@@ -90,7 +92,8 @@ class PatchVQ:
         """Codes [h, w] (or [B, h, w]) -> uint8 [h*p, w*p, 3] (or [B, ...])."""
         codes = torch.as_tensor(codes, dtype=torch.long).cpu()
         if codes.numel() and (codes.min() < 0 or codes.max() >= self.n_codes):
-            raise ValueError(f"codes must lie in [0, {self.n_codes}), got [{int(codes.min())}, {int(codes.max())}]")
+            lo, hi = int(codes.min()), int(codes.max())
+            raise ValueError(f"codes must lie in [0, {self.n_codes}), got [{lo}, {hi}]")
         batched = codes.ndim == 3
         grid = codes if batched else codes[None]  # [B, h, w]
         patches = self.codebook[grid].round().clamp(0, 255).to(torch.uint8).numpy()  # [B, h, w, D]
@@ -107,7 +110,8 @@ class PatchVQ:
         """One safetensors file holding the codebook; the patch size is in its metadata."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"codebook": self.codebook}, str(path), metadata={"patch": str(self.patch), "kind": "PatchVQ"})
+        meta = {"patch": str(self.patch), "kind": "PatchVQ"}
+        save_file({"codebook": self.codebook}, str(path), metadata=meta)
         return path
 
     @classmethod
