@@ -208,7 +208,8 @@ class ReservedTokenSignal:
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
         ids = self.ids.to(t.device)[self.level_of(t)]  # [..]
-        emb = self.adapter.embed(ids.reshape(1, -1)).reshape(*t.shape, -1).float()  # [.., D]
+        emb = self.adapter.embed(ids.reshape(1, -1))  # [1, N, D]
+        emb = emb.reshape(*t.shape, emb.shape[-1]).float()  # [.., D]
         return emb * (t > 0).unsqueeze(-1).to(emb.dtype)
 
 

@@ -1,0 +1,319 @@
+"""Speculative Jacobi-Denoising Decoding (SJD2; Teng et al., NeurIPS 2025, arXiv 2510.08994).
+
+No reference code is public; DESIGN.md section 5 lists what the paper fixes. Every choice it leaves
+open is a keyword option below (and in ``conf/decoder/sjd2.yaml``) with a named default.
+
+Letters as in :mod:`decode.speculative`: p = target (the output row before a slot), q = the
+distribution the slot's draft was drawn from; noise letters as in :mod:`models.noisy`.
+
+The window
+----------
+Like SJD (:mod:`decode.sjd`), ``window`` counts the inputs of a steady-state forward: the newest
+committed token + ``window - 1`` *slots*, one per uncommitted position, front first; it opens only
+inside ``jacobi_region`` (the head/tail are plain AR) and never reaches the last token. A slot holds
+
+* a noise level (0 = clean, K = ``denoise_steps`` = noisiest) and, when noisy, a latent ``z`` in
+  normalised embedding space; its model input is :func:`models.noisy.model_input` -- the same function
+  the trainer's noising goes through -- i.e. ``denorm(z) + signal(t_k)``, or the clean embedding of its
+  draft at level 0;
+* a draft token ``d`` with its q once it has been through a forward (a slot that has not has no draft).
+
+Slots of forced layout positions are clean from the start (draft = forced id, q one-hot). A slot that
+joins an empty window gets a level from ``init_levels`` (:func:`decode.schedule.initial_levels`), a
+slot that joins the tail later gets level K. Its latent is ``sigma_k * eps`` (``init_latent=
+"prior_mean"``: the prior clean estimate x0 = 0, the mean image-code embedding, noised to level k; pure
+noise at k = K when t_max = 1) or ``eps`` at any level (``"pure_noise"``).
+
+One iteration (one forward, CFG streams batched)
+------------------------------------------------
+1. Inputs: the committed tokens without valid KV (clean embeddings; at least the newest), then the
+   slot inputs. Output row i-1 is p_i for slot i (the row of the newest committed token for slot 0);
+   one fresh token y_i ~ p_i is sampled at every row (``decode.sampling.sample``).
+2. Verification: the leading slots that are *eligible* -- they have a draft and, with
+   ``accept_only_clean_inputs``, a clean input -- are tested with :func:`decode.speculative.accept`.
+   The accepted prefix commits, then the residual sample at the first rejection, or, when every
+   eligible slot passes, the fresh sample y_m of the first non-eligible row (slot m, or the bonus row
+   after the last slot). Every forward commits >= 1 token. Since y_m ~ p_m exactly, a slot without a
+   draft behaves as a draft with q = 0 (always rejected, residual = p).
+3. KV: kept for the longest prefix of the committed inputs whose input was the clean embedding of the
+   committed token (re-fed committed tokens and accepted slots at level 0); the rest is rolled back in
+   every stream and re-fed clean at the head of the next forward.
+4. Window: committed slots leave. Every remaining slot takes its fresh sample y_i as its new draft with
+   q = p_i (``draft_q="sampled"``: the distribution y_i was drawn from, as SJD does for its Jacobi
+   drafts; ``"one_hot"``: q = one-hot(y_i)). A clean slot is thereby refined as in Jacobi decoding; a
+   noisy slot takes one denoising step (:func:`models.noisy.denoise_step`) from level k to k-1 toward
+   x0 = the normalised embedding of y_i (``x0="sample"``) or the p_i-weighted mean of the normalised
+   image-code embeddings (``x0="expectation"``): the token predicted *for* the slot is the output one
+   position earlier (the one-position offset). At level 0 the slot's input becomes the clean embedding of
+   its draft. Fresh slots join the tail.
+
+Exactness: with ``accept_only_clean_inputs=True`` every committed token is drawn (accepted or
+resampled) from a p whose conditioning inputs are all clean committed tokens, so the output follows
+plain AR exactly (greedy: token for token). The default (accept noisy-input slots, as the paper) is lossy.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+
+from decode.ar import check_generator, grow_mask, prefill_forward
+from decode.result import DecodeResult
+from decode.sampling import SamplingConfig, final_probs, sample
+from decode.schedule import INIT_MODES, initial_levels, step_levels
+from decode.sjd import REGIONS, jacobi_span, n_window_drafts, one_hot
+from decode.speculative import accept
+from models.base import FREE, ModelAdapter, Prefill
+from models.noisy import (
+    EmbeddingNorm,
+    NoiseConfig,
+    TimestepSignal,
+    alpha_sigma,
+    denoise_step,
+    levels_t,
+    make_signal,
+    model_input,
+)
+
+DRAFT_QS = ("sampled", "one_hot")
+INIT_LATENTS = ("prior_mean", "pure_noise")
+
+
+@dataclass
+class Slots:
+    """The uncommitted window slots, front first (k slots; all tensors on the model's device)."""
+
+    levels: torch.Tensor  # [k] long, 0 = clean
+    z: torch.Tensor  # [k, D] float32 normalised latents (used where levels > 0)
+    drafts: torch.Tensor  # [k] long (meaningful where has_draft)
+    has_draft: torch.Tensor  # [k] bool
+    q: torch.Tensor  # [k, V] float32 draft distributions (meaningful where has_draft)
+
+    def __len__(self) -> int:
+        return int(self.levels.numel())
+
+    def select(self, index: slice) -> "Slots":
+        return Slots(self.levels[index], self.z[index], self.drafts[index], self.has_draft[index], self.q[index])
+
+    def cat(self, other: "Slots") -> "Slots":
+        return Slots(*(torch.cat([a, b]) for a, b in zip(
+            (self.levels, self.z, self.drafts, self.has_draft, self.q),
+            (other.levels, other.z, other.drafts, other.has_draft, other.q))))
+
+
+@dataclass
+class Sjd2Stats:
+    """Counters for ``DecodeResult.extra`` (what the report plots)."""
+
+    n_drafts_tested: int = 0
+    n_drafts_accepted: int = 0
+    n_noisy_accepted: int = 0  # accepted slots whose input was noisy (impossible with clean-only)
+    level_sum_at_accept: float = 0.0
+    n_refed_tokens: int = 0  # committed tokens fed again because their KV was not clean
+
+    def __post_init__(self) -> None:
+        self.accepted_by_slot: list[int] = []  # accepts per slot index (0 = front)
+        self.present_by_slot: list[int] = []  # forwards in which slot index i existed
+        self.accepted_by_level: list[int] = []  # accepts per input level of the slot
+
+    def record(self, levels: torch.Tensor, n_tested: int, n_acc: int, K: int) -> None:
+        k = int(levels.numel())
+        grow = lambda xs, n: xs.extend([0] * (n - len(xs)))  # noqa: E731
+        grow(self.accepted_by_slot, k)
+        grow(self.present_by_slot, k)
+        grow(self.accepted_by_level, K + 1)
+        for i in range(k):
+            self.present_by_slot[i] += 1
+        acc_levels = levels[:n_acc].tolist()
+        for i, lv in enumerate(acc_levels):
+            self.accepted_by_slot[i] += 1
+            self.accepted_by_level[lv] += 1
+        self.n_drafts_tested += n_tested
+        self.n_drafts_accepted += n_acc
+        self.n_noisy_accepted += sum(lv > 0 for lv in acc_levels)
+        self.level_sum_at_accept += float(sum(acc_levels))
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in vars(self).items() if k != "level_sum_at_accept"}
+        out["mean_level_at_accept"] = self.level_sum_at_accept / max(self.n_drafts_accepted, 1)
+        return out
+
+
+def validate_options(window: int, init_levels: str, x0: str, draft_q: str, init_latent: str,
+                     jacobi_region: str) -> None:
+    """Clear errors for impossible SJD2 settings (noise options are checked by ``NoiseConfig``)."""
+    if isinstance(window, bool) or int(window) != window or window < 1:
+        raise ValueError(f"decoder.window must be an integer >= 1 (inputs per forward; 1 = plain AR; the paper "
+                         f"uses 96 for Lumina-mGPT, 128 for Emu3), got {window!r}")
+    for name, value, allowed in (("init_levels", init_levels, INIT_MODES), ("draft_q", draft_q, DRAFT_QS),
+                                 ("init_latent", init_latent, INIT_LATENTS), ("jacobi_region", jacobi_region, REGIONS)):
+        if value not in allowed:
+            raise ValueError(f"decoder.{name} must be one of {list(allowed)}, got {value!r}")
+
+
+class Sjd2Window:
+    """Everything the iteration needs that does not change while decoding one image."""
+
+    def __init__(self, adapter: ModelAdapter, noise: NoiseConfig, signal: TimestepSignal, init_latent: str,
+                 draft_q: str):
+        self.adapter, self.noise, self.signal = adapter, noise, signal
+        self.layout, self.vocab_size = adapter.layout, adapter.vocab_size
+        self.device = adapter.device
+        self.norm = EmbeddingNorm.from_adapter(adapter).to(self.device)
+        self.dim = int(self.norm.mean.numel())
+        self.init_latent, self.draft_q = init_latent, draft_q
+        _, sigma = alpha_sigma(levels_t(noise), noise)
+        self.sigma = sigma.float().to(self.device)  # [K+1]
+        self._code_table: torch.Tensor | None = None
+
+    def empty(self) -> Slots:
+        d = self.device
+        return Slots(torch.zeros(0, dtype=torch.long, device=d), torch.zeros(0, self.dim, device=d),
+                     torch.zeros(0, dtype=torch.long, device=d), torch.zeros(0, dtype=torch.bool, device=d),
+                     torch.zeros(0, self.vocab_size, device=d))
+
+    def new_slots(self, start: int, levels: torch.Tensor, generator: torch.Generator) -> Slots:
+        """Slots for positions [start, start + n) at ``levels`` [n]; forced positions clean with their id."""
+        n = int(levels.numel())
+        forced = self.layout.forced_ids(torch.arange(start, start + n)).to(self.device)  # [n]
+        is_forced = forced != FREE
+        levels = torch.where(is_forced, 0, levels.to(self.device))
+        eps = torch.randn(n, self.dim, generator=generator, device=generator.device).to(self.device)
+        z = eps if self.init_latent == "pure_noise" else self.sigma[levels].unsqueeze(-1) * eps
+        drafts = forced.clamp_min(0)
+        q = one_hot(drafts, self.vocab_size) * is_forced.unsqueeze(-1)
+        return Slots(levels, z, drafts, is_forced, q)
+
+    def inputs(self, slots: Slots) -> torch.Tensor:
+        """Model inputs of the slots: [k, D] in the model's dtype."""
+        ids = torch.where(slots.has_draft, slots.drafts, self.layout.code_start)  # placeholder for noisy slots
+        clean = self.adapter.embed(ids[None])[0]  # [k, D]
+        return model_input(clean, slots.z, slots.levels, self.norm, self.noise, self.signal)
+
+    def clean_estimate(self, tokens: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """x0 in normalised space for each slot: [k, D] (``tokens`` [k] sampled from ``p`` [k, V])."""
+        if self.noise.x0 == "sample":
+            return self.norm.normalize(self.adapter.embed(tokens[None])[0])
+        if self._code_table is None:
+            codes = torch.arange(self.layout.code_start, self.layout.code_stop, device=self.device)
+            self._code_table = self.norm.normalize(self.adapter.embed(codes[None])[0])  # [N_codes, D]
+        p_codes = p[:, self.layout.code_start : self.layout.code_stop]  # [k, N_codes]
+        return (p_codes / p_codes.sum(-1, keepdim=True).clamp_min(1e-30)) @ self._code_table
+
+    def advance(self, slots: Slots, fresh: torch.Tensor, p: torch.Tensor) -> Slots:
+        """Step 4 for the slots that stay: new drafts ``fresh`` [k], their p [k, V]; noisy ones denoise."""
+        noisy = slots.levels > 0
+        z = slots.z
+        if bool(noisy.any()):
+            x0 = self.clean_estimate(fresh[noisy], p[noisy])
+            z = z.clone()
+            z[noisy] = denoise_step(z[noisy], x0, slots.levels[noisy], self.noise)
+        q = p if self.draft_q == "sampled" else one_hot(fresh, self.vocab_size)
+        return Slots(step_levels(slots.levels), z, fresh, torch.ones_like(slots.has_draft), q)
+
+
+def verify(p: torch.Tensor, slots: Slots, eligible: torch.Tensor, generator: torch.Generator
+           ) -> tuple[int, torch.Tensor, torch.Tensor, int]:
+    """Steps 1-2: p [k+1, V]; eligible [k] bool.
+
+    Returns (n_accepted, committed tokens [n_accepted + 1], fresh samples [k + 1], n_tested).
+    """
+    fresh = sample(p, generator)  # [k + 1]: one clean token at every row
+    not_eligible = (~eligible).nonzero()
+    m = int(not_eligible[0, 0]) if not_eligible.numel() else len(slots)
+    n_acc, token = accept(p[:m], slots.q[:m], slots.drafts[:m], generator)
+    nxt = fresh[m : m + 1] if token is None else torch.tensor([token], device=fresh.device)
+    return n_acc, torch.cat([slots.drafts[:n_acc], nxt]), fresh, m
+
+
+@torch.no_grad()
+def sjd2_decode(
+    adapter: ModelAdapter,
+    prefill: Prefill,
+    sampling: SamplingConfig,
+    generator: torch.Generator,
+    *,
+    window: int = 96,
+    denoise_steps: int = 25,
+    init_levels: str = "staircase",
+    init_latent: str = "prior_mean",
+    x0: str = "sample",
+    draft_q: str = "sampled",
+    accept_only_clean_inputs: bool = False,
+    timestep_signal: str = "reserved_token",
+    signal_levels: int | None = None,
+    schedule: str = "rectified_flow",
+    spacing: str = "karras",
+    rho: float = 7.0,
+    t_min: float = 0.01,
+    t_max: float = 1.0,
+    jacobi_region: str = "image",
+    signal: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> DecodeResult:
+    """Decode the image sequence with SJD2 (module docstring; options as in ``conf/decoder/sjd2.yaml``).
+
+    The noise options (``denoise_steps`` = levels K, ``schedule``, ``spacing``, ``rho``, ``t_min``,
+    ``t_max``, ``timestep_signal``, ``signal_levels``, ``x0``) form a :class:`models.noisy.NoiseConfig` and
+    must match the fine-tuning run. ``signal``: an explicit timestep signal (e.g. the trained
+    :class:`models.noisy.TimestepMLP`), else built from ``timestep_signal`` and the adapter.
+    """
+    validate_options(window, init_levels, x0, draft_q, init_latent, jacobi_region)
+    check_generator(generator, adapter.device)
+    noise = NoiseConfig(schedule=schedule, levels=denoise_steps, spacing=spacing, rho=rho, t_min=t_min,
+                        t_max=t_max, timestep_signal=timestep_signal, signal_levels=signal_levels, x0=x0)
+    win = Sjd2Window(adapter, noise, signal if signal is not None else make_signal(noise, adapter),
+                     init_latent, draft_q)
+    layout, K = adapter.layout, noise.levels
+    n_tokens, span = layout.n_tokens, jacobi_span(layout, jacobi_region)
+
+    logits, cache, mask = prefill_forward(adapter, prefill)
+    n_streams, device = mask.shape[0], mask.device
+    seq = torch.zeros(n_tokens, dtype=torch.long, device=device)  # committed tokens
+    seq[:1] = sample(final_probs(logits, torch.tensor([0]), layout, sampling), generator)
+    n_committed, n_cached, per_forward = 1, 0, [1]  # n_cached: committed tokens whose KV is in the cache
+    slots, stats = win.empty(), Sjd2Stats()
+
+    while n_committed < n_tokens:
+        # the window: keep the slots that still fit, add fresh ones at the tail
+        k = n_window_drafts(n_committed, window, span, n_tokens)
+        slots = slots.select(slice(0, k))
+        if len(slots) < k:
+            n_new = k - len(slots)
+            levels = initial_levels(n_new, K, init_levels) if len(slots) == 0 else torch.full((n_new,), K)
+            slots = slots.cat(win.new_slots(n_committed + len(slots), levels, generator))
+
+        # 1. one forward over [uncached committed tokens, slot inputs]
+        refed = seq[n_cached:n_committed]  # [u], u >= 1
+        u = int(refed.numel())
+        inputs = torch.cat([adapter.embed(refed[None])[0], win.inputs(slots)])  # [u + k, D]
+        mask = grow_mask(mask, u + k)
+        logits, cache = adapter.forward(inputs[None].expand(n_streams, -1, -1), cache, mask)
+        p = final_probs(logits[:, u - 1 :], torch.arange(n_committed, n_committed + k + 1), layout, sampling)
+
+        # 2. verify the eligible prefix, commit
+        eligible = slots.has_draft & (slots.levels == 0) if accept_only_clean_inputs else slots.has_draft
+        n_acc, committed, fresh, n_tested = verify(p, slots, eligible, generator)
+        stats.record(slots.levels, n_tested, n_acc, K)
+        stats.n_refed_tokens += u - 1
+
+        # 3. keep the KV of the clean committed inputs (a prefix), roll back the rest
+        clean_acc = (slots.levels[:n_acc] != 0).nonzero()
+        keep = u + (int(clean_acc[0, 0]) if clean_acc.numel() else n_acc)
+        cache = adapter.rollback(cache, u + k - keep)
+        mask = mask[:, : mask.shape[1] - (u + k - keep)]
+        seq[n_committed : n_committed + n_acc + 1] = committed
+        n_cached += keep
+        n_committed += n_acc + 1
+        per_forward.append(n_acc + 1)
+
+        # 4. the remaining slots take their fresh samples as drafts; noisy ones denoise one level
+        rest = slice(n_acc + 1, k)
+        slots = win.advance(slots.select(rest), fresh[rest], p[rest])
+
+    extra = {"decoder": "sjd2", "window": window, "init_levels": init_levels, "init_latent": init_latent,
+             "draft_q": draft_q, "accept_only_clean_inputs": accept_only_clean_inputs,
+             "jacobi_region": jacobi_region, **{f"noise_{k}": v for k, v in asdict(noise).items()},
+             **stats.as_dict()}
+    return DecodeResult(tokens=seq.cpu(), n_forwards=len(per_forward), n_tokens=n_tokens,
+                        accepted_per_forward=per_forward, extra=extra)
