@@ -227,3 +227,31 @@ def test_decode_then_eval_end_to_end(tmp_path, monkeypatch):
     assert scores[0]["metrics"]["step_compression"] == pytest.approx(1.0)
     assert scores[1]["metrics"]["step_compression"] > 1.0
     assert {"shapes_overall", "latency_median_s"} <= set(scores[1]["metrics"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Demo and bench glue on the micro model
+
+
+def test_demo_and_bench_run_every_row_through_the_stages(tmp_path, monkeypatch):
+    from bench.decoders import ForwardTimer, run_bench
+    from decode.demo import demo
+    from tests.test_decode_stage import make_micro_adapter
+
+    for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+    micro = make_micro_adapter()
+    rows = (("tiny", "ar"), ("tiny", "sjd"))
+    scores, grid = demo(3, 0, tmp_path / "demo", rows=rows, adapters={"tiny": micro}, overrides=["progress=false"])
+    assert [s["decoder"] for s in scores] == ["ar", "sjd"] and grid.read_bytes()[:4] == b"\x89PNG"
+    assert all(s["n_images"] == 3 for s in scores)
+
+    results, path = run_bench(3, 0, rows=rows, adapters={"tiny": micro}, out_dir=tmp_path / "bench")
+    saved = json.loads(path.read_text())["rows"]
+    assert [r["decoder"] for r in saved] == ["ar", "sjd"] and saved[0]["latency_ratio_vs_ar"] == 1.0
+    for r in saved:
+        assert 0.0 < r["outside_forward_share"] < 1.0
+        assert r["step_compression"] == pytest.approx(statistics.fmean(x["n_tokens"] / x["n_forwards"]
+                                                                       for x in r["records"]))
+    timer = ForwardTimer(micro)
+    assert timer.layout is micro.layout and timer.vocab_size == micro.vocab_size
