@@ -1,0 +1,522 @@
+"""Lumina-mGPT (Chameleon architecture) behind the adapter protocol (DESIGN.md section 6).
+
+Model: ``transformers.ChameleonForConditionalGeneration``. Its ``forward`` sets every image-code logit
+to the dtype minimum, so the adapter calls the backbone (``model.model``) and ``lm_head`` directly.
+
+Vocabulary (Chameleon tokenizer; every id is looked up by *name*, never by offset):
+
+* image codes: names ``IMGIMG<letters>Z`` where the letters A..J spell the decimal digits of the
+  VQGAN code (``IMGIMGBCZ`` is code 12); ids 4..8195 in the real vocabulary, in name order that is
+  not code order,
+* ``<racm3:break>`` image start (8197), ``<eoss>`` image end (8196), ``<reserved08799>`` end of line
+  (8803), ``<reserved{8800+n:05d}>`` the resolution token of a side of ``n * 32`` pixels (8804 + n),
+  ``<reserved08706>`` end of turn (8710), ``<s>`` BOS (0).
+
+Layout (``lumina_mgpt/data/item_processor.py``): ``[<racm3:break>, res(h), res(w)]``, ``h/16`` rows of
+``w/16`` codes + ``<reserved08799>``, then ``<eoss>``, ``<reserved08706>``: 2357 tokens at 768 px.
+
+Prompt (``Conversation`` + ``FlexARItemProcessor``): ``<s>`` + "Generate an image of {W}x{H} according
+to the following prompt:\\n" + caption + ``<reserved08706>``. CFG: the unconditional stream is the
+same ids with every prompt position masked out except the last (the SJD reference code).
+
+SJD2 timestep tokens (``reserved_ids``): ``<reserved08300>`` .. ``<reserved08427>`` (ids 8304..8431),
+128 reserved names between ``<racm3:break>`` and the tokens Lumina-mGPT uses (end of turn 08706,
+``<image>`` 08707, separators 08796..08799, resolution tokens 08800+n); no Lumina-mGPT data holds them.
+
+Image codec: Meta's Chameleon VQGAN (:mod:`models.chameleon_vqgan`), files in ``vq_path``.
+
+The section "shared with emu3" holds the pieces both HF adapters use (checkpoint lookup, the
+name-based code map, a byte-level tokenizer for tiny random configs).
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from models.base import HFAdapter, ImageLayout, Prefill
+from models.chameleon_vqgan import ChameleonVQGAN, VQGANConfig, load_vqgan, pil_to_pixels, pixels_to_pil
+
+# ---------------------------------------------------------------------------------------------------
+# Shared with emu3: configs from mappings, checkpoint lookup, code maps, tiny tokenizers
+
+
+def config_from_mapping(cls: type, cfg: Mapping[str, Any]) -> Any:
+    """A frozen config dataclass from a YAML mapping (DictConfig or dict); unknown keys are an error."""
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            cfg = OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    cfg = dict(cfg)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in model config {cfg.get('name')!r}; allowed: {sorted(known)}")
+    return cls(**cfg)
+
+
+def resolve_checkpoint(path: str | None, local_files_only: bool, hint: str) -> Path:
+    """A local checkpoint folder for ``path`` (a folder, or a hub id already in the HF cache).
+
+    Never downloads unless ``local_files_only`` is False.
+    """
+    if not path:
+        raise FileNotFoundError(f"model.path is empty; {hint}")
+    from models import resolve_path
+
+    local = resolve_path(path)
+    if local.is_dir():
+        return local
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) and not Path(str(path)).expanduser().exists():
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(repo_id=str(path), local_files_only=local_files_only))
+        except Exception as err:  # not cached (offline) or not downloadable
+            raise FileNotFoundError(
+                f"checkpoint {path!r} is neither a local folder nor in the Hugging Face cache "
+                f"({type(err).__name__}); {hint}"
+            ) from err
+    raise FileNotFoundError(f"checkpoint folder {local} does not exist; {hint}")
+
+
+def read_checkpoint_config(ckpt: Path, model_type: str, hint: str) -> dict:
+    """``config.json`` of a checkpoint folder, refusing another ``model_type``."""
+    cfg_file = ckpt / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file} does not exist (not a transformers checkpoint folder); {hint}")
+    raw = json.loads(cfg_file.read_text())
+    if raw.get("model_type") != model_type:
+        raise ValueError(
+            f"{ckpt} holds a {raw.get('model_type')!r} checkpoint (architectures {raw.get('architectures')}), "
+            f"but this adapter needs model_type {model_type!r}; {hint}"
+        )
+    return raw
+
+
+@dataclass(frozen=True)
+class CodeMap:
+    """VQ code <-> vocabulary id, built from the vocabulary names."""
+
+    bpe_of_code: torch.Tensor  # [n_codes] long: vocab id of code c
+    code_of_bpe: torch.Tensor  # [V] long: code of vocab id, -1 for non-image ids
+
+    @classmethod
+    def from_vocab(cls, vocab: Mapping[str, int], parse: Callable[[str], int | None], vocab_size: int) -> "CodeMap":
+        pairs = {}
+        for name, idx in vocab.items():
+            code = parse(name)
+            if code is not None:
+                pairs[code] = int(idx)
+        n = len(pairs)
+        if n == 0 or sorted(pairs) != list(range(n)):
+            raise ValueError(f"the vocabulary's image-code names do not spell codes 0..N-1 ({n} found)")
+        bpe_of_code = torch.tensor([pairs[c] for c in range(n)], dtype=torch.long)
+        code_of_bpe = torch.full((vocab_size,), -1, dtype=torch.long)
+        code_of_bpe[bpe_of_code] = torch.arange(n)
+        return cls(bpe_of_code, code_of_bpe)
+
+    @property
+    def n_codes(self) -> int:
+        return int(self.bpe_of_code.numel())
+
+    def id_range(self) -> tuple[int, int]:
+        """``[start, stop)`` of the image-code ids; they must be contiguous (ImageLayout needs a range)."""
+        start, stop = int(self.bpe_of_code.min()), int(self.bpe_of_code.max()) + 1
+        if stop - start != self.n_codes:
+            raise ValueError(f"image-code ids are not contiguous: {self.n_codes} codes spread over [{start}, {stop})")
+        return start, stop
+
+    def to_codes(self, ids: torch.Tensor) -> torch.Tensor:
+        """Vocabulary ids (any shape) -> VQ codes; a non-image id is an error."""
+        codes = self.code_of_bpe[torch.as_tensor(ids, dtype=torch.long).cpu()]
+        if (codes < 0).any():
+            bad = torch.as_tensor(ids).cpu()[codes < 0][:5].tolist()
+            raise ValueError(f"ids {bad} are not image codes; the sequence breaks the image layout")
+        return codes
+
+    def to_ids(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.bpe_of_code[torch.as_tensor(codes, dtype=torch.long).cpu()]
+
+
+def byte_level_tokenizer(names: Mapping[int, str], vocab_size: int, text_base: int, special: Mapping[str, str]):
+    """A ``PreTrainedTokenizerFast`` built in code: ``names`` (id -> name) + 256 byte tokens at ``text_base``.
+
+    Text is encoded one byte per token (no merges), so any caption works; remaining ids get filler names.
+    ``special`` maps ``bos_token``/``eos_token``/``pad_token``/``unk_token`` to names in ``names``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    table = dict(names)
+    for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet())):
+        if text_base + i in table:
+            raise ValueError(f"byte token id {text_base + i} collides with {table[text_base + i]!r}")
+        table[text_base + i] = ch
+    for i in range(vocab_size):
+        table.setdefault(i, f"<|tiny_unused_{i}|>")
+    vocab = {name: i for i, name in table.items()}
+    if len(vocab) != vocab_size:
+        raise ValueError("duplicate token names in the tiny vocabulary")
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **special)
+
+
+def load_tokenizer(ckpt: Path, hint: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(ckpt), local_files_only=True)
+    except Exception as err:
+        raise FileNotFoundError(f"no loadable tokenizer in {ckpt} ({type(err).__name__}: {err}); {hint}") from err
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"model.dtype {name!r} is not a torch dtype (use float32, bfloat16 or float16)")
+    return dtype
+
+
+# ---------------------------------------------------------------------------------------------------
+# Lumina-mGPT vocabulary, layout and prompt
+
+BOS_NAME = "<s>"
+PAD_NAME = "<pad>"
+IMG_START_NAME = "<racm3:break>"
+IMG_END_NAME = "<eoss>"
+EOL_NAME = "<reserved08799>"
+EOT_NAME = "<reserved08706>"  # end of turn == EOS of image generation
+RESERVED_NAMES = tuple(f"<reserved{n:05d}>" for n in range(8300, 8300 + 128))
+PROMPT_TEMPLATE = "Generate an image of {width}x{height} according to the following prompt:\n"
+PIXELS_PER_CODE = 16
+PIXELS_PER_RES_UNIT = 32
+CHECKPOINT_HINT = (
+    "download a Lumina-mGPT checkpoint on a machine with internet, e.g. "
+    "`huggingface-cli download Alpha-VLLM/Lumina-mGPT-7B-768 --local-dir models/weights/lumina_mgpt_768`, "
+    "and point model.path at that folder (config.json with model_type 'chameleon', *.safetensors, tokenizer "
+    "files); or set model.local_files_only=false to let transformers download it"
+)
+
+_LETTER_DIGITS = {chr(ord("A") + d): str(d) for d in range(10)}
+
+
+def parse_code_name(name: str) -> int | None:
+    """``IMGIMG<letters>Z`` -> the code its letters spell (A=0 .. J=9); None for other names."""
+    m = re.fullmatch(r"IMGIMG([A-J]+)Z", name)
+    return int("".join(_LETTER_DIGITS[c] for c in m.group(1))) if m else None
+
+
+def code_name(code: int) -> str:
+    """The vocabulary name of VQ code ``code`` (inverse of :func:`parse_code_name`)."""
+    return "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(int(code))) + "Z"
+
+
+def resolution_name(n_units: int) -> str:
+    """Name of the resolution token of a side of ``n_units * 32`` pixels."""
+    return f"<reserved{8800 + n_units:05d}>"
+
+
+def _vocab_id(vocab: Mapping[str, int], name: str) -> int:
+    if name not in vocab:
+        raise KeyError(f"token {name!r} is missing from the vocabulary: is this a Chameleon / Lumina-mGPT tokenizer?")
+    return int(vocab[name])
+
+
+def lumina_layout(vocab: Mapping[str, int], image_size: int, code_range: tuple[int, int]) -> ImageLayout:
+    """The image-sequence layout of a square ``image_size`` image (a multiple of 32 px)."""
+    if image_size < PIXELS_PER_RES_UNIT or image_size % PIXELS_PER_RES_UNIT:
+        raise ValueError(
+            f"impossible Lumina-mGPT image size {image_size}px: must be a positive multiple of "
+            f"{PIXELS_PER_RES_UNIT}px (the resolution token counts 32 px units; 768 for Lumina-mGPT-7B-768)"
+        )
+    res = _vocab_id(vocab, resolution_name(image_size // PIXELS_PER_RES_UNIT))
+    side = image_size // PIXELS_PER_CODE
+    return ImageLayout(
+        height=side,
+        width=side,
+        head=(_vocab_id(vocab, IMG_START_NAME), res, res),
+        eol=_vocab_id(vocab, EOL_NAME),
+        tail=(_vocab_id(vocab, IMG_END_NAME), _vocab_id(vocab, EOT_NAME)),
+        code_start=code_range[0],
+        code_stop=code_range[1],
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass(frozen=True)
+class RandomSizes:
+    """Sizes of a randomly initialised tiny Lumina-mGPT (same classes, real vocabulary and layout)."""
+
+    hidden_size: int = 32
+    intermediate_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 2
+    max_position_embeddings: int = 4096
+    vq_ch: int = 8  # VQGAN base channels (Meta: 128)
+    vq_z_channels: int = 8  # VQGAN latent / codebook width (Meta: 256)
+    vq_norm_groups: int = 4  # VQGAN GroupNorm groups (Meta: 32)
+
+
+@dataclass(frozen=True)
+class LuminaMGPTConfig:
+    """``conf/model/lumina_mgpt*.yaml`` (keys 1:1)."""
+
+    family: str = "lumina_mgpt"
+    name: str = "lumina_mgpt_768"
+    path: str | None = "Alpha-VLLM/Lumina-mGPT-7B-768"  # hub id (cached) or local folder
+    image_size: int = 768  # pixels, square, multiple of 32
+    device: str = "cpu"
+    dtype: str = "bfloat16"
+    local_files_only: bool = True  # never download unless false
+    random_init: bool = False  # true: tiny random model + tokenizer built in code (tests)
+    vq_path: str | None = None  # folder with Meta's vqgan.yaml + vqgan.ckpt; null: no image codec
+    seed: int = 0  # random_init only
+    random_sizes: RandomSizes | None = None  # random_init only
+    sampling_defaults: dict = field(default_factory=dict)  # the paper's sampling settings (informative)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.random_sizes, Mapping):
+            object.__setattr__(self, "random_sizes", RandomSizes(**self.random_sizes))
+        if self.random_init and self.random_sizes is None:
+            object.__setattr__(self, "random_sizes", RandomSizes())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoint conversion
+
+
+def expand_qk_norm(state: Mapping[str, torch.Tensor], num_heads: int, num_kv_heads: int) -> dict[str, torch.Tensor]:
+    """Lumina/Chameleon q/k-norm weights ``[model_parallel, head_dim]`` -> ``[heads, head_dim]``.
+
+    Lumina-mGPT stores one row per model-parallel shard (``[1, head_dim]`` for 7B) and applies row r to
+    heads ``r * heads/shards ..``; transformers 5.x wants one row per head. Other tensors pass through.
+    """
+    out = dict(state)
+    for key, value in state.items():
+        m = re.search(r"self_attn\.(q|k)_norm\.(weight|bias)$", key)
+        if not m:
+            continue
+        heads = num_heads if m.group(1) == "q" else num_kv_heads
+        if value.ndim != 2 or heads % value.shape[0]:
+            raise ValueError(f"{key} has shape {tuple(value.shape)}; cannot expand it to [{heads}, head_dim]")
+        out[key] = value.repeat_interleave(heads // value.shape[0], dim=0).contiguous()
+    return out
+
+
+def read_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+    """All ``*.safetensors`` (or ``pytorch_model*.bin``) tensors of a checkpoint folder."""
+    from safetensors.torch import load_file
+
+    files = sorted(ckpt.glob("*.safetensors"))
+    if files:
+        state: dict[str, torch.Tensor] = {}
+        for f in files:
+            state.update(load_file(str(f)))
+        return state
+    bins = sorted(ckpt.glob("pytorch_model*.bin"))
+    if bins:
+        state = {}
+        for f in bins:
+            state.update(torch.load(f, map_location="cpu", weights_only=True))
+        return state
+    raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin weights in {ckpt}; {CHECKPOINT_HINT}")
+
+
+def load_chameleon(ckpt: Path, dtype: torch.dtype):
+    """``ChameleonForConditionalGeneration`` from a Lumina-mGPT folder, q/k-norm rows expanded on load."""
+    from transformers import ChameleonConfig, ChameleonForConditionalGeneration
+
+    read_checkpoint_config(ckpt, "chameleon", CHECKPOINT_HINT)
+    config = ChameleonConfig.from_pretrained(str(ckpt))
+    state = expand_qk_norm(read_state_dict(ckpt), config.num_attention_heads, config.num_key_value_heads)
+    state = _with_vq_encoder(state, config)
+    return ChameleonForConditionalGeneration.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
+
+
+def _with_vq_encoder(state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
+    """Lumina checkpoints carry no ``model.vqmodel.*`` (transformers' encoder-only Chameleon VQ, unused
+    here: images go through Meta's VQGAN). Fill them with a fresh init so loading reports nothing missing."""
+    if any(k.startswith("model.vqmodel.") for k in state):
+        return state
+    from transformers.models.chameleon.modeling_chameleon import ChameleonVQVAE
+
+    vq = ChameleonVQVAE._from_config(config.vq_config)
+    return {**state, **{f"model.vqmodel.{k}": v for k, v in vq.state_dict().items()}}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tiny random configuration
+
+
+def tiny_vocab_names(code_order: torch.Tensor | None = None) -> dict[int, str]:
+    """id -> name for a Chameleon-like vocabulary at the real ids (text bytes at 9000..9255).
+
+    ``code_order`` [8192]: the code that id ``4 + i`` spells (default: the identity); tests shuffle it
+    to prove that the adapter maps codes by name.
+    """
+    order = torch.arange(8192) if code_order is None else torch.as_tensor(code_order)
+    names = {0: BOS_NAME, 1: PAD_NAME, 2: "</s>", 3: "<unk>", 8196: IMG_END_NAME, 8197: IMG_START_NAME}
+    names.update({4 + i: code_name(int(c)) for i, c in enumerate(order.tolist())})
+    names.update({i: f"<reserved{i - 4:05d}>" for i in range(8198, 9000)})
+    names[8711] = "<image>"  # transformers' Chameleon conversion renames <reserved08707>
+    return names
+
+
+def tiny_tokenizer(code_order: torch.Tensor | None = None, vocab_size: int = 65536):
+    """A byte-level tokenizer with the Chameleon special names at their real ids."""
+    return byte_level_tokenizer(
+        tiny_vocab_names(code_order), vocab_size, text_base=9000,
+        special={"bos_token": BOS_NAME, "eos_token": "</s>", "pad_token": PAD_NAME, "unk_token": "<unk>"},
+    )
+
+
+def tiny_vqgan_config(sizes: RandomSizes, image_size: int) -> VQGANConfig:
+    """Meta's VQGAN shape (8192 codes, downsample 16) with tiny widths."""
+    return VQGANConfig(
+        embed_dim=sizes.vq_z_channels, n_embed=8192, z_channels=sizes.vq_z_channels, resolution=image_size,
+        ch=sizes.vq_ch, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, attn_resolutions=(), attn_type="none",
+        norm_groups=sizes.vq_norm_groups,
+    )
+
+
+def tiny_chameleon(sizes: RandomSizes, vocab: Mapping[str, int], vocab_size: int = 65536):
+    """A randomly initialised ``ChameleonForConditionalGeneration`` with the given sizes."""
+    from transformers import ChameleonConfig, ChameleonForConditionalGeneration
+
+    config = ChameleonConfig(
+        vocab_size=vocab_size,
+        hidden_size=sizes.hidden_size,
+        intermediate_size=sizes.intermediate_size,
+        num_hidden_layers=sizes.num_hidden_layers,
+        num_attention_heads=sizes.num_attention_heads,
+        num_key_value_heads=sizes.num_attention_heads,
+        max_position_embeddings=sizes.max_position_embeddings,
+        bos_token_id=vocab[BOS_NAME],
+        eos_token_id=vocab[EOT_NAME],
+        pad_token_id=vocab[PAD_NAME],
+        vq_config={"base_channels": 32, "channel_multiplier": [1], "num_res_blocks": 1, "embed_dim": 8,
+                   "latent_channels": 8, "num_embeddings": 8192},  # transformers' encoder-only VQ: unused
+        vocabulary_map=dict(vocab),
+    )
+    return ChameleonForConditionalGeneration(config)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Adapter
+
+
+class LuminaMGPTAdapter(HFAdapter):
+    """Lumina-mGPT through ``ChameleonForConditionalGeneration`` + Meta's VQGAN."""
+
+    def __init__(self, model: Any, tokenizer: Any, vq: ChameleonVQGAN | None, cfg: LuminaMGPTConfig):
+        self.name = cfg.name
+        self.cfg = cfg
+        self.model = model.eval()
+        self.backbone = model.model  # ChameleonModel: no image-logit masking
+        self.lm_head = model.lm_head
+        self.tokenizer = tokenizer
+        self.vq = vq.eval() if vq is not None else None
+        self.image_size = int(cfg.image_size)
+        self.sampling_defaults = dict(cfg.sampling_defaults)
+        vocab = tokenizer.get_vocab()
+        self.code_map = CodeMap.from_vocab(vocab, parse_code_name, self.vocab_size)
+        self.layout = lumina_layout(vocab, self.image_size, self.code_map.id_range())
+        self.bos_id = _vocab_id(vocab, BOS_NAME)
+        self.eot_id = _vocab_id(vocab, EOT_NAME)
+        self._reserved = tuple(_vocab_id(vocab, n) for n in RESERVED_NAMES)
+        if self.vq is not None and self.vq.cfg.n_embed != self.code_map.n_codes:
+            raise ValueError(f"the VQGAN has {self.vq.cfg.n_embed} codes, the vocabulary {self.code_map.n_codes}")
+
+    # -- prompt ------------------------------------------------------------------------------------
+    def prompt_ids(self, text: str) -> list[int]:
+        """``<s>`` + template + caption + end of turn (the conditional prompt, no padding)."""
+        head = PROMPT_TEMPLATE.format(width=self.image_size, height=self.image_size)
+        return [self.bos_id] + list(self.tokenizer.encode(head + text, add_special_tokens=False)) + [self.eot_id]
+
+    def prompt(self, text: str, cfg: bool = True) -> Prefill:
+        """Row 0: the prompt; row 1 (CFG): the same ids, all masked out but the last (end of turn)."""
+        ids = torch.tensor([self.prompt_ids(text)], dtype=torch.long)  # [1, T]
+        mask = torch.ones_like(ids)
+        if not cfg:
+            return Prefill(ids, mask)
+        uncond = torch.zeros_like(mask)
+        uncond[:, -1] = 1
+        return Prefill(ids.repeat(2, 1), torch.cat([mask, uncond]))
+
+    @property
+    def reserved_ids(self) -> tuple[int, ...]:
+        return self._reserved
+
+    # -- image codec -------------------------------------------------------------------------------
+    def _need_vq(self) -> ChameleonVQGAN:
+        if self.vq is None:
+            from models.chameleon_vqgan import VQ_HINT
+
+            raise RuntimeError(f"model {self.name!r} has no image codec (model.vq_path is null); {VQ_HINT}")
+        return self.vq
+
+    def decode_image(self, tokens: torch.Tensor):
+        """Full image sequence [n_tokens] -> PIL image (codes mapped by name, Meta's VQGAN decoder)."""
+        codes = self.code_map.to_codes(self.layout.code_grid(torch.as_tensor(tokens).cpu()))  # [h, w]
+        return pixels_to_pil(self._need_vq().decode(codes[None])[0])
+
+    def encode_image(self, image: Any) -> torch.Tensor:
+        """PIL image of exactly ``image_size`` px -> full image sequence [n_tokens]."""
+        if tuple(image.size) != (self.image_size, self.image_size):
+            raise ValueError(
+                f"encode_image needs a {self.image_size}x{self.image_size} image, got {image.size[0]}x{image.size[1]}; "
+                "resize/center-crop first (train.data.fit_image)"
+            )
+        codes = self._need_vq().encode(pil_to_pixels(image))[0].cpu()  # [h, w]
+        return self.layout.sequence(self.code_map.to_ids(codes))
+
+
+def build_random(cfg: LuminaMGPTConfig, code_order: torch.Tensor | None = None) -> LuminaMGPTAdapter:
+    """Tiny randomly initialised Lumina-mGPT with a tokenizer and VQGAN built in code (seeded)."""
+    sizes = cfg.random_sizes or RandomSizes()
+    tokenizer = tiny_tokenizer(code_order)
+    torch.manual_seed(cfg.seed)
+    model = tiny_chameleon(sizes, tokenizer.get_vocab())
+    vq = ChameleonVQGAN(tiny_vqgan_config(sizes, cfg.image_size))
+    model.to(device=cfg.device, dtype=torch_dtype(cfg.dtype))
+    vq.to(device=cfg.device)
+    return LuminaMGPTAdapter(model, tokenizer, vq, cfg)
+
+
+def load(cfg: LuminaMGPTConfig) -> LuminaMGPTAdapter:
+    """Real weights: checkpoint folder (or cached hub id) + tokenizer + Meta's VQGAN (``vq_path``)."""
+    ckpt = resolve_checkpoint(cfg.path, cfg.local_files_only, CHECKPOINT_HINT)
+    model = load_chameleon(ckpt, torch_dtype(cfg.dtype))
+    tokenizer = load_tokenizer(ckpt, CHECKPOINT_HINT)
+    vq = None
+    if cfg.vq_path:
+        from models import resolve_path
+
+        vq = load_vqgan(resolve_path(cfg.vq_path), device=cfg.device)
+    model.to(cfg.device)
+    return LuminaMGPTAdapter(model, tokenizer, vq, cfg)
+
+
+def load_from_config(cfg: Mapping[str, Any]) -> LuminaMGPTAdapter:
+    """``conf/model/lumina_mgpt*.yaml`` -> adapter (``random_init: true``: tiny model built in code)."""
+    config = config_from_mapping(LuminaMGPTConfig, cfg)
+    return build_random(config) if config.random_init else load(config)
+
+
+__all__ = [
+    "CodeMap", "LuminaMGPTAdapter", "LuminaMGPTConfig", "RandomSizes", "build_random", "code_name",
+    "expand_qk_norm", "load", "load_from_config", "lumina_layout", "parse_code_name",
+]
