@@ -74,6 +74,17 @@ def resolve_shard(index: int | None, count: int | None, env: Mapping[str, str] |
     return int(index), int(count)
 
 
+def select_local_gpu(env: Mapping[str, str] | None = None) -> int | None:
+    """Make ``cuda`` mean this process's GPU under torchrun (LOCAL_RANK) or SLURM (SLURM_LOCALID)."""
+    env = os.environ if env is None else env
+    local = env.get("LOCAL_RANK") or env.get("SLURM_LOCALID")
+    if local is None or not torch.cuda.is_available():
+        return None
+    index = int(local) % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    return index
+
+
 def samples_name(index: int, count: int) -> str:
     """``samples.jsonl`` for a single process, ``samples-{rank}.jsonl`` for a shard."""
     return "samples.jsonl" if count == 1 else f"samples-{index}.jsonl"
@@ -397,11 +408,20 @@ def decode_run(cfg: DictConfig | Mapping[str, Any], *, adapter: Any = None,
     ``adapter`` / ``generate_fn`` default to ``models.load_adapter(cfg.model)`` and
     ``decode.api.generate``; tests pass their own.
     """
+    from decode.sampling import SamplingConfig
+
     conf = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    # 1. Prompts first: a missing or malformed prompt file fails before anything is written.
+    # 1. Check everything that can be wrong before anything is written: prompts, sampling, decoder.
     prompts = load_prompts(conf["prompts"])
     per_prompt = int(conf["prompts"].get("images_per_prompt", 1))
-    shard = resolve_shard(conf["shard"].get("index"), conf["shard"].get("count"))
+    sampling = SamplingConfig(**conf["sampling"])
+    if generate_fn is None:
+        from decode.api import generate as generate_fn
+        from decode.api import resolve_decoder
+
+        resolve_decoder(conf["decoder"])
+    shard_cfg = conf.get("shard") or {}
+    shard = resolve_shard(shard_cfg.get("index"), shard_cfg.get("count"))
     run_dir = Path(conf["out_dir"])
     # 2. The run dir: refuse mixing, write config.yaml, find the finished images.
     prepare_run_dir(run_dir, conf, force=bool(conf.get("force", False)))
@@ -411,25 +431,25 @@ def decode_run(cfg: DictConfig | Mapping[str, Any], *, adapter: Any = None,
     max_images = conf.get("max_images")
     todo = todo_all if max_images is None else todo_all[: int(max_images)]
     # 3. The model and the decoder, only when there is work.
-    n_decoded = _decode_images(conf, todo, run_dir, records_path, shard, per_prompt, adapter, generate_fn) if todo else 0
+    n_decoded = 0
+    if todo:
+        n_decoded = _decode_images(conf, todo, run_dir, records_path, shard, per_prompt, sampling, adapter, generate_fn)
     if conf["prompts"].get("geneval_folder"):
         write_geneval_folder(run_dir, [p for p in prompts if p.idx % shard[1] == shard[0]], per_prompt)
     return RunSummary(run_dir, shard, n_images=n_mine, n_skipped=n_mine - len(todo_all), n_decoded=n_decoded)
 
 
 def _decode_images(conf: Mapping[str, Any], todo: list[tuple[Prompt, int]], run_dir: Path, records_path: Path,
-                   shard: tuple[int, int], per_prompt: int, adapter: Any, generate_fn: GenerateFn | None) -> int:
+                   shard: tuple[int, int], per_prompt: int, sampling: Any, adapter: Any,
+                   generate_fn: GenerateFn) -> int:
+    """Load the model if needed, warm up, then decode, save and record ``todo`` one image at a time."""
     from tqdm import tqdm
-
-    from decode.sampling import SamplingConfig
 
     if adapter is None:
         from models import load_adapter
 
+        select_local_gpu()
         adapter = load_adapter(conf["model"])
-    if generate_fn is None:
-        from decode.api import generate as generate_fn
-    sampling = SamplingConfig(**conf["sampling"])
     decoder_cfg, seed = conf["decoder"], int(conf["seed"])
     env_name = "env.json" if shard[1] == 1 else f"env-{shard[0]}.json"
     atomic_write_bytes(run_dir / env_name, json.dumps(environment(adapter.device), indent=1).encode())

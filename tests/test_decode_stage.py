@@ -393,3 +393,12 @@ def test_cli_multirun_gives_every_setting_its_own_run_dir(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["ar_s0", "sjd_s0"]
     assert "name: sjd" in (root / "sjd_s0" / "config.yaml").read_text()
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()
+
+
+def test_bad_sampling_or_decoder_option_fails_before_the_run_dir_exists(tmp_path, adapter):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="temperature"):
+        decode_run(decode_cfg(out, "sampling.temperature=0"), adapter=adapter)
+    with pytest.raises(ValueError, match="unknown option"):
+        decode_run(decode_cfg(out, "decoder=sjd", "+decoder.windw=4"), adapter=adapter)
+    assert not out.exists()
