@@ -246,7 +246,7 @@ def test_demo_and_bench_run_every_row_through_the_stages(tmp_path, monkeypatch):
     assert [s["decoder"] for s in scores] == ["ar", "sjd"] and grid.read_bytes()[:4] == b"\x89PNG"
     assert all(s["n_images"] == 3 for s in scores)
 
-    results, path = run_bench(3, 0, rows=rows, adapters={"tiny": micro}, out_dir=tmp_path / "bench")
+    _, path = run_bench(3, 0, rows=rows, adapters={"tiny": micro}, out_dir=tmp_path / "bench")
     saved = json.loads(path.read_text())["rows"]
     assert [r["decoder"] for r in saved] == ["ar", "sjd"] and saved[0]["latency_ratio_vs_ar"] == 1.0
     for r in saved:
