@@ -101,8 +101,10 @@ def expand_run_dirs(run_dir: str | None, run_dirs: Sequence[str] | None) -> list
         raise ValueError("no run dir given: pass run_dir=DIR or run_dirs=[D1,D2] (globs allowed, e.g. 'runs/tiny/shapes/*')")
     out: list[Path] = []
     for pat in patterns:
-        hits = sorted(glob.glob(str(pat))) if glob.has_magic(str(pat)) else [str(pat)]
-        hits = [h for h in hits if (Path(h) / CONFIG_FILE).is_file()] if glob.has_magic(str(pat)) else hits
+        if glob.has_magic(str(pat)):  # a glob keeps only run dirs (tables and plots may sit beside them)
+            hits = [h for h in sorted(glob.glob(str(pat))) if (Path(h) / CONFIG_FILE).is_file()]
+        else:
+            hits = [str(pat)]
         if not hits:
             raise FileNotFoundError(f"no run dir matches {pat!r}")
         out += [Path(h) for h in hits if Path(h) not in out]
