@@ -18,9 +18,10 @@ inside ``jacobi_region`` (the head/tail are plain AR) and never reaches the last
   draft at level 0;
 * a draft token ``d`` with its q once it has been through a forward (a slot that has not has no draft).
 
-Slots of forced layout positions are clean from the start (draft = forced id, q one-hot). A slot that
-joins an empty window gets a level from ``init_levels`` (:func:`decode.schedule.initial_levels`), a
-slot that joins the tail later gets level K. Its latent is ``sigma_k * eps`` (``init_latent=
+Slots of forced layout positions are clean from the start (draft = forced id, q one-hot). The slots of the
+window's first opening (at the start of ``jacobi_region``) get levels from ``init_levels``
+(:func:`decode.schedule.initial_levels`); every slot that joins the tail later gets level K (also when a
+forward accepted the whole window). Its latent is ``sigma_k * eps`` (``init_latent=
 "prior_mean"``: the prior clean estimate x0 = 0, the mean image-code embedding, noised to level k; pure
 noise at k = K when t_max = 1) or ``eps`` at any level (``"pure_noise"``).
 
@@ -152,15 +153,59 @@ def validate_options(window: int, init_levels: str, x0: str, draft_q: str, init_
             raise ValueError(f"decoder.{name} must be one of {list(allowed)}, got {value!r}")
 
 
+def trained_recipe(adapter: ModelAdapter) -> dict | None:
+    """The SJD2 fine-tuning recipe a model carries, if any: ``adapter.sjd2_recipe`` (loaders of HF
+    checkpoints: the ``sjd2.json`` the trainer exports), else tiny's ``config.extra["sjd2"]``."""
+    recipe = getattr(adapter, "sjd2_recipe", None)
+    if recipe is None:
+        extra = getattr(getattr(adapter, "config", None), "extra", None)
+        recipe = extra.get("sjd2") if isinstance(extra, dict) else None
+    return recipe
+
+
+def match_trained_noise(noise: NoiseConfig, recipe: dict | None) -> None:
+    """Refuse decoding noise that the model was not trained with (no recipe: nothing to check).
+
+    Must match: the schedule, the kind of timestep signal and, for the reserved-token signal, its level
+    grid (a different ``denoise_steps`` is fine with ``signal_levels`` = the training levels).
+    """
+    if not recipe or "noise" not in recipe:
+        return
+    known = set(NoiseConfig.__dataclass_fields__)
+    trained = NoiseConfig(**{k: v for k, v in recipe["noise"].items() if k in known})
+    problems = []
+    for name in ("schedule", "timestep_signal"):
+        if getattr(trained, name) != getattr(noise, name):
+            problems.append(f"{name}={getattr(noise, name)!r} but the model was trained with {getattr(trained, name)!r}")
+    if not problems and noise.timestep_signal == "reserved_token":
+        ours, theirs = levels_t(noise, noise.n_signal_levels), levels_t(trained, trained.n_signal_levels)
+        if ours.shape != theirs.shape or not torch.allclose(ours, theirs, atol=1e-9, rtol=0):
+            problems.append(
+                f"the reserved-token level grid differs from training; set signal_levels={trained.n_signal_levels} "
+                f"spacing={trained.spacing} rho={trained.rho} t_min={trained.t_min} t_max={trained.t_max}"
+            )
+    if problems:
+        raise ValueError("sjd2 noise options do not match the model's fine-tuning: " + "; ".join(problems)
+                         + " (or set decoder.check_trained_noise=false to decode anyway)")
+
+
+def embedding_norm(adapter: ModelAdapter, recipe: dict | None) -> EmbeddingNorm:
+    """The training's frozen normalisation: ``recipe["norm"]`` ({"mean": [D], "std": [D]}) when the
+    checkpoint carries it, else ``adapter.embedding_stats()`` of the current weights."""
+    if recipe and "norm" in recipe:
+        return EmbeddingNorm(torch.tensor(recipe["norm"]["mean"]), torch.tensor(recipe["norm"]["std"]))
+    return EmbeddingNorm.from_adapter(adapter)
+
+
 class Sjd2Window:
     """Everything the iteration needs that does not change while decoding one image."""
 
     def __init__(self, adapter: ModelAdapter, noise: NoiseConfig, signal: TimestepSignal, init_latent: str,
-                 draft_q: str):
+                 draft_q: str, norm: EmbeddingNorm | None = None):
         self.adapter, self.noise, self.signal = adapter, noise, signal
         self.layout, self.vocab_size = adapter.layout, adapter.vocab_size
         self.device = adapter.device
-        self.norm = EmbeddingNorm.from_adapter(adapter).to(self.device)
+        self.norm = (norm if norm is not None else EmbeddingNorm.from_adapter(adapter)).to(self.device)
         self.dim = int(self.norm.mean.numel())
         self.init_latent, self.draft_q = init_latent, draft_q
         _, sigma = alpha_sigma(levels_t(noise), noise)
@@ -249,21 +294,27 @@ def sjd2_decode(
     t_min: float = 0.01,
     t_max: float = 1.0,
     jacobi_region: str = "image",
+    check_trained_noise: bool = True,
     signal: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> DecodeResult:
     """Decode the image sequence with SJD2 (module docstring; options as in ``conf/decoder/sjd2.yaml``).
 
     The noise options (``denoise_steps`` = levels K, ``schedule``, ``spacing``, ``rho``, ``t_min``,
     ``t_max``, ``timestep_signal``, ``signal_levels``, ``x0``) form a :class:`models.noisy.NoiseConfig` and
-    must match the fine-tuning run. ``signal``: an explicit timestep signal (e.g. the trained
+    must match the fine-tuning run: with ``check_trained_noise`` a model that carries its recipe
+    (:func:`trained_recipe`) refuses a mismatch. The embedding normalisation is the recipe's frozen one
+    when present. ``signal``: an explicit timestep signal (e.g. the trained
     :class:`models.noisy.TimestepMLP`), else built from ``timestep_signal`` and the adapter.
     """
     validate_options(window, init_levels, x0, draft_q, init_latent, jacobi_region)
     check_generator(generator, adapter.device)
     noise = NoiseConfig(schedule=schedule, levels=denoise_steps, spacing=spacing, rho=rho, t_min=t_min,
                         t_max=t_max, timestep_signal=timestep_signal, signal_levels=signal_levels, x0=x0)
+    recipe = trained_recipe(adapter)
+    if check_trained_noise:
+        match_trained_noise(noise, recipe)
     win = Sjd2Window(adapter, noise, signal if signal is not None else make_signal(noise, adapter),
-                     init_latent, draft_q)
+                     init_latent, draft_q, embedding_norm(adapter, recipe))
     layout, K = adapter.layout, noise.levels
     n_tokens, span = layout.n_tokens, jacobi_span(layout, jacobi_region)
 
@@ -272,7 +323,7 @@ def sjd2_decode(
     seq = torch.zeros(n_tokens, dtype=torch.long, device=device)  # committed tokens
     seq[:1] = sample(final_probs(logits, torch.tensor([0]), layout, sampling), generator)
     n_committed, n_cached, per_forward = 1, 0, [1]  # n_cached: committed tokens whose KV is in the cache
-    slots, stats = win.empty(), Sjd2Stats()
+    slots, stats, opened = win.empty(), Sjd2Stats(), False
 
     while n_committed < n_tokens:
         # the window: keep the slots that still fit, add fresh ones at the tail
@@ -280,8 +331,10 @@ def sjd2_decode(
         slots = slots.select(slice(0, k))
         if len(slots) < k:
             n_new = k - len(slots)
-            levels = initial_levels(n_new, K, init_levels) if len(slots) == 0 else torch.full((n_new,), K)
+            first = not opened  # the window's first opening: init_levels; later slots join the tail at K
+            levels = initial_levels(n_new, K, init_levels) if first else torch.full((n_new,), K)
             slots = slots.cat(win.new_slots(n_committed + len(slots), levels, generator))
+            opened = True
 
         # 1. one forward over [uncached committed tokens, slot inputs]
         refed = seq[n_cached:n_committed]  # [u], u >= 1
@@ -313,7 +366,8 @@ def sjd2_decode(
 
     extra = {"decoder": "sjd2", "window": window, "init_levels": init_levels, "init_latent": init_latent,
              "draft_q": draft_q, "accept_only_clean_inputs": accept_only_clean_inputs,
-             "jacobi_region": jacobi_region, **{f"noise_{k}": v for k, v in asdict(noise).items()},
+             "jacobi_region": jacobi_region, "check_trained_noise": check_trained_noise,
+             "norm_from_recipe": bool(recipe and "norm" in recipe), **{f"noise_{k}": v for k, v in asdict(noise).items()},
              **stats.as_dict()}
     return DecodeResult(tokens=seq.cpu(), n_forwards=len(per_forward), n_tokens=n_tokens,
                         accepted_per_forward=per_forward, extra=extra)

@@ -13,7 +13,8 @@ from scipy.stats import chisquare
 from decode.api import resolve_decoder
 from decode.ar import ar_decode
 from decode.sampling import SamplingConfig, final_probs
-from decode.sjd2 import sjd2_decode
+from decode.sjd2 import Sjd2Window, sjd2_decode
+from models.noisy import NoiseConfig, make_signal, noisy_embedding
 from models.tiny import build
 from tests.conftest import RecomputeChecked, micro_config, reinit
 
@@ -233,3 +234,85 @@ def test_kv_holds_only_clean_committed_inputs(adapter, options):
         n = cached.shape[0] - n_prompt
         assert 0 <= n < res.n_tokens
         torch.testing.assert_close(cached[n_prompt:], clean[:n], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("schedule", ["rectified_flow", "cosine"])
+def test_window_slots_are_fed_the_trainers_noisy_embeddings(adapter, schedule):
+    """A fresh slot (pure noise at level K) denoised toward its true token feeds the model, level by
+    level, exactly what the trainer's ``noisy_embedding`` gives for that token, level and eps."""
+    noise = NoiseConfig(levels=4, schedule=schedule)
+    win = Sjd2Window(adapter, noise, make_signal(noise, adapter), init_latent="prior_mean", draft_q="sampled")
+    start = len(adapter.layout.head)  # first code row: positions start..start+3 are free codes
+    g = gen(0)
+    slots = win.new_slots(start, torch.full((4,), noise.levels), g)
+    eps = torch.randn(4, win.dim, generator=gen(0))  # the same draw new_slots made
+    truth = torch.arange(adapter.layout.code_start, adapter.layout.code_start + 4)
+    clean = adapter.embed(truth[None])[0]
+    p = torch.zeros(4, adapter.vocab_size).index_put_((torch.arange(4), truth), torch.tensor(1.0))
+    for k in range(noise.levels, -1, -1):
+        assert slots.levels.tolist() == [k] * 4
+        expected = noisy_embedding(clean, torch.full((4,), k), eps, win.norm, noise, win.signal)
+        torch.testing.assert_close(win.inputs(slots), expected, atol=1e-5, rtol=1e-5)
+        slots = win.advance(slots, truth, p)
+    assert torch.equal(win.inputs(slots), clean) and slots.drafts.tolist() == truth.tolist()
+
+
+def test_expectation_x0_of_a_one_hot_p_is_the_sampled_token(adapter):
+    sample_win, mean_win = (Sjd2Window(adapter, NoiseConfig(levels=3, x0=x0),
+                                       make_signal(NoiseConfig(levels=3), adapter), "prior_mean", "sampled")
+                            for x0 in ("sample", "expectation"))
+    tokens = torch.tensor([adapter.layout.code_start + 1, adapter.layout.code_start + 5])
+    one_hot = torch.zeros(2, adapter.vocab_size).index_put_((torch.arange(2), tokens), torch.tensor(1.0))
+    torch.testing.assert_close(mean_win.clean_estimate(tokens, one_hot), sample_win.clean_estimate(tokens, one_hot))
+    uniform = adapter.layout.code_mask(adapter.vocab_size).float()[None] / adapter.layout.n_codes
+    torch.testing.assert_close(mean_win.clean_estimate(tokens[:1], uniform), torch.zeros(1, mean_win.dim),
+                               atol=1e-5, rtol=0)  # the mean code embedding is 0 in normalised space
+
+
+def test_forced_positions_are_clean_slots_of_the_forced_id(adapter):
+    noise = NoiseConfig(levels=5)
+    win = Sjd2Window(adapter, noise, make_signal(noise, adapter), "prior_mean", "sampled")
+    layout = adapter.layout
+    slots = win.new_slots(0, torch.full((layout.n_tokens,), 5), gen(0))
+    forced = layout.forced_ids(torch.arange(layout.n_tokens))
+    is_forced = forced >= 0
+    assert slots.levels[is_forced].eq(0).all() and slots.levels[~is_forced].eq(5).all()
+    assert slots.drafts[is_forced].tolist() == forced[is_forced].tolist() and slots.has_draft.tolist() == is_forced.tolist()
+    torch.testing.assert_close(win.inputs(slots)[is_forced], adapter.embed(forced[is_forced][None])[0])
+
+
+def with_recipe(adapter, recipe):
+    """A shallow view of ``adapter`` that carries an SJD2 recipe (as a fine-tuned checkpoint does)."""
+    view = KVChecked(adapter)
+    view.sjd2_recipe = recipe
+    return view
+
+
+def test_noise_options_must_match_the_models_recipe(adapter):
+    prefill = adapter.prompt("a", cfg=True)
+    trained = {"noise": {"schedule": "rectified_flow", "levels": 4, "spacing": "karras", "rho": 7.0, "t_min": 0.01,
+                         "t_max": 1.0, "timestep_signal": "reserved_token", "signal_levels": None, "x0": "sample"}}
+    model = with_recipe(adapter, trained)
+    sjd2_decode(model, prefill, SAMPLED, gen(0), window=4, denoise_steps=4)
+    sjd2_decode(model, prefill, SAMPLED, gen(0), window=4, denoise_steps=9, signal_levels=4)  # a sweep: fine
+    with pytest.raises(ValueError, match="signal_levels=4"):
+        sjd2_decode(model, prefill, SAMPLED, gen(0), window=4, denoise_steps=9)
+    with pytest.raises(ValueError, match="schedule"):
+        sjd2_decode(model, prefill, SAMPLED, gen(0), window=4, denoise_steps=4, schedule="cosine")
+    with pytest.raises(ValueError, match="t_min=0.01"):
+        sjd2_decode(model, prefill, SAMPLED, gen(0), window=4, denoise_steps=4, t_min=0.05)
+    sjd2_decode(model, prefill, SAMPLED, gen(0), window=4, denoise_steps=4, t_min=0.05, check_trained_noise=False)
+
+
+def test_recipe_norm_replaces_the_current_embedding_stats(adapter):
+    """The trainer's frozen statistics (of the weights before fine-tuning) win over the current ones."""
+    prefill = adapter.prompt("a", cfg=True)
+    mean, std = adapter.embedding_stats()
+    plain = sjd2_decode(KVChecked(adapter), prefill, SAMPLED, gen(3), window=6, denoise_steps=3)
+    same = with_recipe(adapter, {"norm": {"mean": mean.tolist(), "std": std.tolist()}})
+    res = sjd2_decode(same, prefill, SAMPLED, gen(3), window=6, denoise_steps=3)
+    assert res.extra["norm_from_recipe"] and not plain.extra["norm_from_recipe"]
+    assert res.tokens.tolist() == plain.tokens.tolist()
+    shifted = with_recipe(adapter, {"norm": {"mean": (mean + 3.0).tolist(), "std": (std * 4.0).tolist()}})
+    other = sjd2_decode(shifted, prefill, SAMPLED, gen(3), window=6, denoise_steps=3)
+    assert other.tokens.tolist() != plain.tokens.tolist()
