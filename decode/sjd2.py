@@ -54,8 +54,9 @@ plain AR exactly (greedy: token for token). The default (accept noisy-input slot
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
@@ -94,10 +95,10 @@ class Slots:
     def __len__(self) -> int:
         return int(self.levels.numel())
 
-    def select(self, index: slice) -> "Slots":
+    def select(self, index: slice) -> Slots:
         return Slots(self.levels[index], self.z[index], self.drafts[index], self.has_draft[index], self.q[index])
 
-    def cat(self, other: "Slots") -> "Slots":
+    def cat(self, other: Slots) -> Slots:
         return Slots(*(torch.cat([a, b]) for a, b in zip(
             (self.levels, self.z, self.drafts, self.has_draft, self.q),
             (other.levels, other.z, other.drafts, other.has_draft, other.q))))
@@ -112,18 +113,14 @@ class Sjd2Stats:
     n_noisy_accepted: int = 0  # accepted slots whose input was noisy (impossible with clean-only)
     level_sum_at_accept: float = 0.0
     n_refed_tokens: int = 0  # committed tokens fed again because their KV was not clean
-
-    def __post_init__(self) -> None:
-        self.accepted_by_slot: list[int] = []  # accepts per slot index (0 = front)
-        self.present_by_slot: list[int] = []  # forwards in which slot index i existed
-        self.accepted_by_level: list[int] = []  # accepts per input level of the slot
+    accepted_by_slot: list[int] = field(default_factory=list)  # accepts per slot index (0 = front)
+    present_by_slot: list[int] = field(default_factory=list)  # forwards in which slot index i existed
+    accepted_by_level: list[int] = field(default_factory=list)  # accepts per input level of the slot
 
     def record(self, levels: torch.Tensor, n_tested: int, n_acc: int, K: int) -> None:
         k = int(levels.numel())
-        grow = lambda xs, n: xs.extend([0] * (n - len(xs)))  # noqa: E731
-        grow(self.accepted_by_slot, k)
-        grow(self.present_by_slot, k)
-        grow(self.accepted_by_level, K + 1)
+        for counts, n in ((self.accepted_by_slot, k), (self.present_by_slot, k), (self.accepted_by_level, K + 1)):
+            counts.extend([0] * (n - len(counts)))
         for i in range(k):
             self.present_by_slot[i] += 1
         acc_levels = levels[:n_acc].tolist()
@@ -141,8 +138,7 @@ class Sjd2Stats:
         return out
 
 
-def validate_options(window: int, init_levels: str, x0: str, draft_q: str, init_latent: str,
-                     jacobi_region: str) -> None:
+def validate_options(window: int, init_levels: str, draft_q: str, init_latent: str, jacobi_region: str) -> None:
     """Clear errors for impossible SJD2 settings (noise options are checked by ``NoiseConfig``)."""
     if isinstance(window, bool) or int(window) != window or window < 1:
         raise ValueError(f"decoder.window must be an integer >= 1 (inputs per forward; 1 = plain AR; the paper "
@@ -306,7 +302,7 @@ def sjd2_decode(
     when present. ``signal``: an explicit timestep signal (e.g. the trained
     :class:`models.noisy.TimestepMLP`), else built from ``timestep_signal`` and the adapter.
     """
-    validate_options(window, init_levels, x0, draft_q, init_latent, jacobi_region)
+    validate_options(window, init_levels, draft_q, init_latent, jacobi_region)
     check_generator(generator, adapter.device)
     noise = NoiseConfig(schedule=schedule, levels=denoise_steps, spacing=spacing, rho=rho, t_min=t_min,
                         t_max=t_max, timestep_signal=timestep_signal, signal_levels=signal_levels, x0=x0)

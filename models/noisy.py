@@ -29,8 +29,9 @@ the training ``levels``) and adds the embedding of that level's reserved vocabul
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -153,12 +154,12 @@ class EmbeddingNorm:
         self.mean, self.std = mean, std
 
     @classmethod
-    def from_adapter(cls, adapter: Any) -> "EmbeddingNorm":
+    def from_adapter(cls, adapter: Any) -> EmbeddingNorm:
         """Statistics from ``adapter.embedding_stats()`` (mean/std over the image-code rows)."""
         mean, std = adapter.embedding_stats()
         return cls(mean, std)
 
-    def to(self, device: torch.device | str) -> "EmbeddingNorm":
+    def to(self, device: torch.device | str) -> EmbeddingNorm:
         return EmbeddingNorm(self.mean.to(device), self.std.to(device))
 
     def normalize(self, e: torch.Tensor) -> torch.Tensor:

@@ -69,11 +69,11 @@ def check_bookkeeping(res, layout):
 
 
 CLEAN_ONLY_OPTIONS = [
-    dict(window=4),
-    dict(window=8, init_levels="max"),
-    dict(window=30, denoise_steps=3, x0="expectation", jacobi_region="all"),
-    dict(window=6, denoise_steps=2, draft_q="one_hot", init_latent="pure_noise", spacing="uniform"),
-    dict(window=12, denoise_steps=4, schedule="cosine", timestep_signal="none"),
+    {"window": 4},
+    {"window": 8, "init_levels": "max"},
+    {"window": 30, "denoise_steps": 3, "x0": "expectation", "jacobi_region": "all"},
+    {"window": 6, "denoise_steps": 2, "draft_q": "one_hot", "init_latent": "pure_noise", "spacing": "uniform"},
+    {"window": 12, "denoise_steps": 4, "schedule": "cosine", "timestep_signal": "none"},
 ]
 
 
@@ -118,10 +118,10 @@ def test_window_one_is_plain_ar_draw_for_draw(adapter):
 
 
 DEFAULT_OPTIONS = [
-    dict(),  # the paper's setting: window 96 (> the whole 25-token sequence), 25 levels
-    dict(window=5, denoise_steps=3),
-    dict(window=10, denoise_steps=6, init_levels="max", x0="expectation"),
-    dict(window=7, denoise_steps=4, jacobi_region="all", draft_q="one_hot", schedule="cosine"),
+    {},  # the paper's setting: window 96 (> the whole 25-token sequence), 25 levels
+    {"window": 5, "denoise_steps": 3},
+    {"window": 10, "denoise_steps": 6, "init_levels": "max", "x0": "expectation"},
+    {"window": 7, "denoise_steps": 4, "jacobi_region": "all", "draft_q": "one_hot", "schedule": "cosine"},
 ]
 
 
@@ -217,8 +217,8 @@ def pooled(counts: dict, probs: dict, n: int, min_expected: float = 5.0) -> tupl
     return observed, expected
 
 
-@pytest.mark.parametrize("options", [dict(window=6, denoise_steps=3), dict(window=96, denoise_steps=25),
-                                     dict(window=5, denoise_steps=2, accept_only_clean_inputs=True)],
+@pytest.mark.parametrize("options", [{"window": 6, "denoise_steps": 3}, {"window": 96, "denoise_steps": 25},
+                                     {"window": 5, "denoise_steps": 2, "accept_only_clean_inputs": True}],
                          ids=["small", "paper", "clean-only"])
 def test_kv_holds_only_clean_committed_inputs(adapter, options):
     """Every cached forward equals a full recompute, and before every forward the cache holds exactly
