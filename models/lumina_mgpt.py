@@ -171,11 +171,13 @@ def byte_level_tokenizer(names: Mapping[int, str], vocab_size: int, text_base: i
     return PreTrainedTokenizerFast(tokenizer_object=tok, **special)
 
 
-def load_tokenizer(ckpt: Path, hint: str):
+def load_tokenizer(ckpt: Path, hint: str, config: Any = None):
+    """The checkpoint's tokenizer (``config``: the loaded model config, saves re-reading config.json)."""
     from transformers import AutoTokenizer
 
+    kwargs = {"config": config} if config is not None else {}
     try:
-        return AutoTokenizer.from_pretrained(str(ckpt), local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(ckpt), local_files_only=True, **kwargs)
     except Exception as err:
         raise FileNotFoundError(f"no loadable tokenizer in {ckpt} ({type(err).__name__}: {err}); {hint}") from err
 
@@ -500,7 +502,7 @@ def load(cfg: LuminaMGPTConfig) -> LuminaMGPTAdapter:
     """Real weights: checkpoint folder (or cached hub id) + tokenizer + Meta's VQGAN (``vq_path``)."""
     ckpt = resolve_checkpoint(cfg.path, cfg.local_files_only, CHECKPOINT_HINT)
     model = load_chameleon(ckpt, torch_dtype(cfg.dtype))
-    tokenizer = load_tokenizer(ckpt, CHECKPOINT_HINT)
+    tokenizer = load_tokenizer(ckpt, CHECKPOINT_HINT, config=model.config)
     vq = None
     if cfg.vq_path:
         from models import resolve_path
