@@ -163,12 +163,11 @@ def match_trained_noise(noise: NoiseConfig, recipe: dict | None) -> None:
     """Refuse decoding noise that the model was not trained with (no recipe: nothing to check).
 
     Must match: the schedule, the kind of timestep signal and, for the reserved-token signal, its level
-    grid (a different ``denoise_steps`` is fine with ``signal_levels`` = the training levels).
+    grid (a different ``denoise_steps`` is fine: ``signal_levels`` = the training levels).
     """
-    if not recipe or "noise" not in recipe:
+    trained = trained_noise(recipe)
+    if trained is None:
         return
-    known = set(NoiseConfig.__dataclass_fields__)
-    trained = NoiseConfig(**{k: v for k, v in recipe["noise"].items() if k in known})
     problems = []
     for name in ("schedule", "timestep_signal"):
         if getattr(trained, name) != getattr(noise, name):
@@ -183,6 +182,14 @@ def match_trained_noise(noise: NoiseConfig, recipe: dict | None) -> None:
     if problems:
         raise ValueError("sjd2 noise options do not match the model's fine-tuning: " + "; ".join(problems)
                          + " (or set decoder.check_trained_noise=false to decode anyway)")
+
+
+def trained_noise(recipe: dict | None) -> NoiseConfig | None:
+    """The :class:`NoiseConfig` of a recipe (unknown keys ignored); None without one."""
+    if not recipe or "noise" not in recipe:
+        return None
+    known = set(NoiseConfig.__dataclass_fields__)
+    return NoiseConfig(**{k: v for k, v in recipe["noise"].items() if k in known})
 
 
 def embedding_norm(adapter: ModelAdapter, recipe: dict | None) -> EmbeddingNorm:
@@ -298,15 +305,19 @@ def sjd2_decode(
     The noise options (``denoise_steps`` = levels K, ``schedule``, ``spacing``, ``rho``, ``t_min``,
     ``t_max``, ``timestep_signal``, ``signal_levels``, ``x0``) form a :class:`models.noisy.NoiseConfig` and
     must match the fine-tuning run: with ``check_trained_noise`` a model that carries its recipe
-    (:func:`trained_recipe`) refuses a mismatch. The embedding normalisation is the recipe's frozen one
-    when present. ``signal``: an explicit timestep signal (e.g. the trained
+    (:func:`trained_recipe`) refuses a mismatch. From a recipe also come the reserved-token level grid
+    (``signal_levels=None``: the training levels, so ``denoise_steps`` may be swept) and the frozen
+    embedding normalisation. ``signal``: an explicit timestep signal (e.g. the trained
     :class:`models.noisy.TimestepMLP`), else built from ``timestep_signal`` and the adapter.
     """
     validate_options(window, init_levels, draft_q, init_latent, jacobi_region)
     check_generator(generator, adapter.device)
+    recipe = trained_recipe(adapter)
+    trained = trained_noise(recipe)
+    if signal_levels is None and trained is not None:  # the signal grid is the model's, not the decoder's
+        signal_levels = trained.n_signal_levels
     noise = NoiseConfig(schedule=schedule, levels=denoise_steps, spacing=spacing, rho=rho, t_min=t_min,
                         t_max=t_max, timestep_signal=timestep_signal, signal_levels=signal_levels, x0=x0)
-    recipe = trained_recipe(adapter)
     if check_trained_noise:
         match_trained_noise(noise, recipe)
     win = Sjd2Window(adapter, noise, signal if signal is not None else make_signal(noise, adapter),

@@ -294,9 +294,10 @@ def test_noise_options_must_match_the_models_recipe(adapter):
                          "t_max": 1.0, "timestep_signal": "reserved_token", "signal_levels": None, "x0": "sample"}}
     model = with_recipe(adapter, trained)
     sjd2_decode(model, prefill, SAMPLED, gen(0), window=4, denoise_steps=4)
-    sjd2_decode(model, prefill, SAMPLED, gen(0), window=4, denoise_steps=9, signal_levels=4)  # a sweep: fine
+    swept = sjd2_decode(model, prefill, SAMPLED, gen(0), window=4, denoise_steps=9)  # a sweep: the grid stays
+    assert swept.extra["noise_signal_levels"] == 4
     with pytest.raises(ValueError, match="signal_levels=4"):
-        sjd2_decode(model, prefill, SAMPLED, gen(0), window=4, denoise_steps=9)
+        sjd2_decode(model, prefill, SAMPLED, gen(0), window=4, denoise_steps=9, signal_levels=9)
     with pytest.raises(ValueError, match="schedule"):
         sjd2_decode(model, prefill, SAMPLED, gen(0), window=4, denoise_steps=4, schedule="cosine")
     with pytest.raises(ValueError, match="t_min=0.01"):
