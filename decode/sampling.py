@@ -12,6 +12,7 @@ the same way, in this order and in float32:
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -41,6 +42,19 @@ class SamplingConfig:
             raise ValueError(f"sampling.top_k must be an integer >= 0 (0 = off, 1 = greedy), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"sampling.top_p must be in (0, 1] (1.0 = off), got {self.top_p}")
+
+
+@functools.lru_cache(maxsize=16)
+def _forced_table(layout: ImageLayout, device: torch.device) -> torch.Tensor:
+    return layout.forced_ids(torch.arange(layout.n_tokens, device=device))
+
+
+def forced_ids(layout: ImageLayout, positions: torch.Tensor) -> torch.Tensor:
+    """``layout.forced_ids(positions)`` from a table built once per layout and device (decoders call it
+    every forward). positions: LongTensor [L] on any device; the result lives on the same device."""
+    if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= layout.n_tokens):
+        raise IndexError(f"position outside the image sequence [0, {layout.n_tokens})")
+    return _forced_table(layout, positions.device)[positions]
 
 
 def guide(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
@@ -99,18 +113,20 @@ def final_probs(
     """
     if logits.dim() != 3:
         raise ValueError(f"final_probs expects logits [B, L, V], got shape {tuple(logits.shape)}")
-    positions = torch.as_tensor(positions, dtype=torch.long, device=logits.device).reshape(-1)
+    positions = torch.as_tensor(positions, dtype=torch.long).reshape(-1)
     if positions.numel() != logits.shape[1]:
         raise ValueError(f"{positions.numel()} positions for {logits.shape[1]} logit rows")
-    forced = layout.forced_ids(positions)  # [L]
+    forced_src = forced_ids(layout, positions)  # [L] on the positions' device (normally the CPU: no sync)
+    any_forced = bool((forced_src != FREE).any())
+    forced = forced_src.to(logits.device)
     x = guide(logits, sampling.cfg_scale)  # [L, V] float32 (a new tensor)
     x = constrain(x, forced, layout)
     x = x / sampling.temperature
     x = top_k_filter(x, sampling.top_k)
     x = top_p_filter(x, sampling.top_p)
     probs = torch.softmax(x, dim=-1)
-    is_forced = forced != FREE
-    if bool(is_forced.any()):
+    if any_forced:
+        is_forced = forced != FREE
         one_hot = torch.zeros_like(probs)
         one_hot.scatter_(-1, forced.clamp_min(0)[:, None], 1.0)
         probs = torch.where(is_forced[:, None], one_hot, probs)

@@ -26,7 +26,7 @@ import torch
 
 from decode.ar import check_generator, grow_mask, prefill_forward
 from decode.result import DecodeResult
-from decode.sampling import SamplingConfig, final_probs, sample
+from decode.sampling import SamplingConfig, final_probs, forced_ids, sample
 from decode.speculative import accept
 from models.base import FREE, ImageLayout, ModelAdapter, Prefill
 
@@ -82,7 +82,7 @@ def new_drafts(
     there is none). Every such draft has a one-hot q.
     """
     n = stop - start
-    forced = layout.forced_ids(torch.arange(start, stop)).tolist()
+    forced = forced_ids(layout, torch.arange(start, stop)).tolist()
     codes = torch.randint(layout.code_start, layout.code_stop, (n,), generator=generator,
                           device=generator.device).to(seq.device)
     for i, j in enumerate(range(start, stop)):
