@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 import torch
 
-from models.tiny import TinyConfig, TinyAdapter, build
+from models.tiny import TinyAdapter, TinyConfig, build
 
 WORDS = ("a", "red", "blue", "circle", "square", "left", "of")
 
