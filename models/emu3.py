@@ -260,8 +260,9 @@ class Emu3Adapter(HFAdapter):
 
         tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1).cpu()
         self.code_map.to_codes(self.layout.code_grid(tokens))  # refuses non-code ids with a clear error
-        if self.layout.violations(tokens):
-            raise ValueError(f"the sequence breaks the Emu3 layout at {self.layout.violations(tokens)[:5]}")
+        bad = self.layout.violations(tokens)
+        if bad:
+            raise ValueError(f"the sequence breaks the Emu3 layout at positions {bad[:5]}")
         pixels = self.model.model.decode_image_tokens(
             image_tokens=tokens[None].to(self.device), height=self.layout.height, width=self.layout.width
         )  # [1, 3, H, W], normalised

@@ -13,7 +13,9 @@ Vocabulary (Chameleon tokenizer; every id is looked up by *name*, never by offse
   ``<reserved08706>`` end of turn (8710), ``<s>`` BOS (0).
 
 Layout (``lumina_mgpt/data/item_processor.py``): ``[<racm3:break>, res(h), res(w)]``, ``h/16`` rows of
-``w/16`` codes + ``<reserved08799>``, then ``<eoss>``, ``<reserved08706>``: 2357 tokens at 768 px.
+``w/16`` codes + ``<reserved08799>``, then ``<eoss>``, ``<reserved08706>``: 2357 tokens at 768 px. The
+original lets the model sample the two resolution tokens; here the layout forces them from
+``image_size`` (the prompt names the same size, so a trained model puts its mass there anyway).
 
 Prompt (``Conversation`` + ``FlexARItemProcessor``): ``<s>`` + "Generate an image of {W}x{H} according
 to the following prompt:\\n" + caption + ``<reserved08706>``. CFG: the unconditional stream is the
