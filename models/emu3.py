@@ -37,6 +37,7 @@ import torch
 from models.base import HFAdapter, ImageLayout, Prefill, left_pad
 from models.lumina_mgpt import (
     CodeMap,
+    attach_sjd2_extras,
     byte_level_tokenizer,
     config_from_mapping,
     load_tokenizer,
@@ -212,6 +213,8 @@ class Emu3Adapter(HFAdapter):
         self.backbone = model.model.text_model  # Emu3TextModel
         self.lm_head = model.lm_head
         self.tokenizer = tokenizer
+        self.sjd2_recipe: dict | None = None  # set by attach_sjd2_extras for SJD2 fine-tuned checkpoints
+        self.timestep_mlp: torch.nn.Module | None = None
         self.image_size = int(cfg.image_size)
         self.sampling_defaults = dict(cfg.sampling_defaults)
         vocab = tokenizer.get_vocab()
@@ -324,7 +327,7 @@ def load(cfg: Emu3Config) -> Emu3Adapter:
         str(ckpt), dtype=torch_dtype(cfg.dtype), local_files_only=True
     ).to(cfg.device)
     tokenizer = load_tokenizer(ckpt, CHECKPOINT_HINT, config=model.config)
-    return Emu3Adapter(model, tokenizer, _processor_normalisation(ckpt, cfg))
+    return attach_sjd2_extras(Emu3Adapter(model, tokenizer, _processor_normalisation(ckpt, cfg)), ckpt)
 
 
 def load_from_config(cfg: Mapping[str, Any]) -> Emu3Adapter:

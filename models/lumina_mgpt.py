@@ -184,6 +184,27 @@ def load_tokenizer(ckpt: Path, hint: str, config: Any = None):
         raise FileNotFoundError(f"no loadable tokenizer in {ckpt} ({type(err).__name__}: {err}); {hint}") from err
 
 
+def attach_sjd2_extras(adapter: Any, ckpt: Path) -> Any:
+    """What the SJD2 trainer exports beside the weights (``train.loop.export_weights``): ``sjd2.json``
+    -> ``adapter.sjd2_recipe`` (the noise the model was trained with), ``timestep_mlp.safetensors`` ->
+    ``adapter.timestep_mlp`` (a :class:`models.noisy.TimestepMLP`). Absent files leave ``None``."""
+    adapter.sjd2_recipe, adapter.timestep_mlp = None, None
+    if (ckpt / "sjd2.json").is_file():
+        adapter.sjd2_recipe = json.loads((ckpt / "sjd2.json").read_text())
+    mlp_file = ckpt / "timestep_mlp.safetensors"
+    if mlp_file.is_file():
+        from safetensors.torch import load_file
+
+        from models.noisy import TimestepMLP
+
+        state = load_file(str(mlp_file))
+        width, freq_dim = state["net.0.weight"].shape
+        mlp = TimestepMLP(int(state["net.2.weight"].shape[0]), freq_dim=int(freq_dim), width=int(width))
+        mlp.load_state_dict(state)
+        adapter.timestep_mlp = mlp.to(adapter.device).eval()
+    return adapter
+
+
 def torch_dtype(name: str) -> torch.dtype:
     dtype = getattr(torch, str(name), None)
     if not isinstance(dtype, torch.dtype):
@@ -433,6 +454,8 @@ class LuminaMGPTAdapter(HFAdapter):
         self.lm_head = model.lm_head
         self.tokenizer = tokenizer
         self.vq = vq.eval() if vq is not None else None
+        self.sjd2_recipe: dict | None = None  # set by attach_sjd2_extras for SJD2 fine-tuned checkpoints
+        self.timestep_mlp: torch.nn.Module | None = None
         self.image_size = int(cfg.image_size)
         self.sampling_defaults = dict(cfg.sampling_defaults)
         vocab = tokenizer.get_vocab()
@@ -511,7 +534,7 @@ def load(cfg: LuminaMGPTConfig) -> LuminaMGPTAdapter:
 
         vq = load_vqgan(resolve_path(cfg.vq_path), device=cfg.device)
     model.to(cfg.device)
-    return LuminaMGPTAdapter(model, tokenizer, vq, cfg)
+    return attach_sjd2_extras(LuminaMGPTAdapter(model, tokenizer, vq, cfg), ckpt)
 
 
 def load_from_config(cfg: Mapping[str, Any]) -> LuminaMGPTAdapter:

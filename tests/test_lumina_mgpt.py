@@ -262,6 +262,32 @@ def test_lumina_checkpoint_with_single_row_qk_norm_loads(tmp_path, lumina_shared
         loaded.decode_image(loaded.layout.sequence(torch.full((4, 4), 4)))
 
 
+def test_fine_tuned_export_loads_with_its_sjd2_extras(tmp_path, lumina_shared_norm):
+    """What train.loop.export_weights writes for HF models: save_pretrained (expanded norms) + sjd2.json
+    + timestep_mlp.safetensors."""
+    from safetensors.torch import save_file
+
+    from models.noisy import TimestepMLP
+
+    ref = lumina_shared_norm
+    out = tmp_path / "sjd2_ckpt"
+    ref.model.save_pretrained(out)
+    ref.tokenizer.save_pretrained(out)
+    recipe = {"noise": {"timestep_signal": "mlp", "schedule": "rectified_flow"}, "name": "t"}
+    (out / "sjd2.json").write_text(json.dumps(recipe))
+    mlp = TimestepMLP(SIZES.hidden_size, width=16)
+    torch.nn.init.normal_(mlp.net[2].weight)
+    save_file({k: v.contiguous() for k, v in mlp.state_dict().items()}, str(out / "timestep_mlp.safetensors"))
+    loaded = load(_cfg(path=str(out), image_size=64, random_init=False, random_sizes=None))
+    assert loaded.sjd2_recipe == recipe
+    t = torch.tensor([0.1, 0.7])
+    torch.testing.assert_close(loaded.timestep_mlp(t), mlp(t))
+    pf = ref.prompt("x")
+    torch.testing.assert_close(loaded.forward(loaded.embed(pf.input_ids), None, pf.attention_mask)[0],
+                               ref.forward(ref.embed(pf.input_ids), None, pf.attention_mask)[0], atol=1e-5, rtol=0)
+    assert build_random(_cfg(image_size=64)).sjd2_recipe is None
+
+
 def test_stock_loader_refuses_lumina_norm_shapes(tmp_path, lumina_shared_norm):
     """Why the conversion exists: transformers' own loader refuses [1, head_dim] q/k-norm weights."""
     from transformers import ChameleonForConditionalGeneration
