@@ -18,9 +18,11 @@ must match (strict). Pixels are in [-1, 1]; codes are VQ indices in [0, n_embed)
 from __future__ import annotations
 
 import logging
+import pickle
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,7 +73,7 @@ class VQGANConfig:
         return 2 ** (len(self.ch_mult) - 1)
 
     @classmethod
-    def from_yaml_dict(cls, raw: Mapping[str, Any]) -> "VQGANConfig":
+    def from_yaml_dict(cls, raw: Mapping[str, Any]) -> VQGANConfig:
         """Meta's ``vqgan.yaml`` as a dict (``{"model": {"params": ...}}``, or the params alone)."""
         params = dict(raw.get("model", {}).get("params", raw)) if "model" in raw else dict(raw)
         flat = {k: v for k, v in params.items() if k not in ("ddconfig", "lossconfig", "ckpt_path")}
@@ -351,7 +353,7 @@ def load_state_dict_strict(model: ChameleonVQGAN, state: Mapping[str, torch.Tens
 def _read_ckpt(path: Path) -> Mapping[str, torch.Tensor]:
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # Lightning checkpoints may pickle callback objects
+    except (pickle.UnpicklingError, RuntimeError, AttributeError) as err:  # Lightning pickles callback objects
         log.warning("%s is not loadable with weights_only=True (%s); loading it as a full pickle", path, err)
         raw = torch.load(path, map_location="cpu", weights_only=False)
     return raw.get("state_dict", raw) if isinstance(raw, Mapping) else raw

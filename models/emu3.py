@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -183,18 +184,18 @@ def tiny_emu3(sizes: RandomSizes, vocab: Mapping[str, int]):
     from transformers import Emu3Config as HFEmu3Config
     from transformers import Emu3ForConditionalGeneration
 
-    text = dict(
-        vocab_size=VOCAB_SIZE, hidden_size=sizes.hidden_size, intermediate_size=sizes.intermediate_size,
-        num_hidden_layers=sizes.num_hidden_layers, num_attention_heads=sizes.num_attention_heads,
-        num_key_value_heads=sizes.num_attention_heads, max_position_embeddings=sizes.max_position_embeddings,
-        pad_token_id=vocab[PAD_NAME], bos_token_id=vocab[BOS_NAME], eos_token_id=vocab[EOS_NAME],
-    )
-    vq = dict(
-        codebook_size=N_VISUAL, embed_dim=sizes.vq_embed_dim, latent_channels=sizes.vq_embed_dim,
-        base_channels=sizes.vq_base_channels, channel_multiplier=[1, 1, 1, 1], num_res_blocks=1,
-        attn_resolutions=[], hidden_size=sizes.vq_base_channels, num_attention_heads=1,
-        temporal_downsample_factor=sizes.vq_temporal_downsample_factor,
-    )
+    text = {
+        "vocab_size": VOCAB_SIZE, "hidden_size": sizes.hidden_size, "intermediate_size": sizes.intermediate_size,
+        "num_hidden_layers": sizes.num_hidden_layers, "num_attention_heads": sizes.num_attention_heads,
+        "num_key_value_heads": sizes.num_attention_heads, "max_position_embeddings": sizes.max_position_embeddings,
+        "pad_token_id": vocab[PAD_NAME], "bos_token_id": vocab[BOS_NAME], "eos_token_id": vocab[EOS_NAME],
+    }
+    vq = {  # channel_multiplier of 4 levels: 8 px per code, as Emu3's VQ-VAE
+        "codebook_size": N_VISUAL, "embed_dim": sizes.vq_embed_dim, "latent_channels": sizes.vq_embed_dim,
+        "base_channels": sizes.vq_base_channels, "channel_multiplier": [1, 1, 1, 1], "num_res_blocks": 1,
+        "attn_resolutions": [], "hidden_size": sizes.vq_base_channels, "num_attention_heads": 1,
+        "temporal_downsample_factor": sizes.vq_temporal_downsample_factor,
+    }
     config = HFEmu3Config(text_config=text, vq_config=vq, vocabulary_map=dict(vocab))
     return Emu3ForConditionalGeneration(config)
 

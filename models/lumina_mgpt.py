@@ -34,9 +34,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -111,7 +112,7 @@ class CodeMap:
     code_of_bpe: torch.Tensor  # [V] long: code of vocab id, -1 for non-image ids
 
     @classmethod
-    def from_vocab(cls, vocab: Mapping[str, int], parse: Callable[[str], int | None], vocab_size: int) -> "CodeMap":
+    def from_vocab(cls, vocab: Mapping[str, int], parse: Callable[[str], int | None], vocab_size: int) -> CodeMap:
         pairs = {}
         for name, idx in vocab.items():
             code = parse(name)
@@ -208,7 +209,7 @@ def attach_sjd2_extras(adapter: Any, ckpt: Path) -> Any:
 def torch_dtype(name: str) -> torch.dtype:
     dtype = getattr(torch, str(name), None)
     if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"model.dtype {name!r} is not a torch dtype (use float32, bfloat16 or float16)")
+        raise ValueError(f"model.dtype {name!r} is not a torch dtype (use float32, bfloat16 or float16)")  # noqa: TRY004
     return dtype
 
 

@@ -26,7 +26,8 @@ SIZES = RandomSizes()
 
 
 def _cfg(**kw) -> Emu3Config:
-    base = dict(name="emu3_test", path=None, image_size=720, dtype="float32", random_init=True, random_sizes=SIZES)
+    base = {"name": "emu3_test", "path": None, "image_size": 720, "dtype": "float32", "random_init": True,
+            "random_sizes": SIZES}
     base.update(kw)
     return Emu3Config(**base)
 

@@ -26,7 +26,8 @@ SIZES = RandomSizes()
 
 
 def _cfg(**kw) -> LuminaMGPTConfig:
-    base = dict(name="lumina_test", path=None, image_size=768, dtype="float32", random_init=True, random_sizes=SIZES)
+    base = {"name": "lumina_test", "path": None, "image_size": 768, "dtype": "float32", "random_init": True,
+            "random_sizes": SIZES}
     base.update(kw)
     return LuminaMGPTConfig(**base)
 

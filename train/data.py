@@ -29,9 +29,10 @@ import json
 import math
 import shutil
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MANIFEST = "manifest.json"
@@ -117,7 +118,7 @@ def _pairs_from_jsonl(root: Path) -> list[Pair]:
         except json.JSONDecodeError as err:
             raise ValueError(f"{where}: not valid JSON ({err.msg}); expected {{\"file\": ..., \"caption\": ...}}") from err
         if not isinstance(row, dict) or not isinstance(row.get("file"), str) or not isinstance(row.get("caption"), str):
-            raise ValueError(f"{where}: expected an object with string fields \"file\" and \"caption\", got {line[:120]!r}")
+            raise ValueError(f"{where}: expected an object with string fields \"file\" and \"caption\", got {line[:120]!r}")  # noqa: TRY004
         image = root / row["file"]
         if not image.is_file():
             raise FileNotFoundError(f"{where}: image {image} does not exist")
