@@ -1,0 +1,150 @@
+"""The SJD2 objective: next-clean-token cross-entropy on noise-perturbed inputs (DESIGN.md 5).
+
+:class:`NoisyLM` is the one module the optimiser (plain or DeepSpeed ZeRO-3) sees. Its forward takes a
+:class:`train.noising.Batch` worth of tensors and returns the loss, so everything that touches
+parameters (input embedding, noise through :mod:`models.noisy`, timestep signal, backbone, LM head)
+runs inside one module call: ZeRO-3 gathers the partitioned parameters through its module hooks.
+
+Steps of the forward:
+
+1. ``e = embed(input_ids)``                                   # [B, T, D] clean embeddings
+2. at positions with level k >= 1: ``denorm(alpha_k norm(e) + sigma_k eps) + signal(t_k)``
+   (``models.noisy.noisy_embedding``; eps drawn per row from the row's seed on the model's device)
+3. hidden states of the backbone, then the LM head on the loss positions only  # [N, V] float32
+4. ``ce = CE(logits, next clean token)``, ``z = z_loss * mean(logsumexp(logits)^2)``; loss = ce + z.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from models.noisy import EmbeddingNorm, NoiseConfig, TimestepMLP, make_signal, noisy_embedding
+from train.noising import IGNORE
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """Loss options (YAML: ``train.objective``)."""
+
+    z_loss: float = 1e-5  # weight of the z-loss mean(logsumexp(logits)^2) (Lumina-mGPT: 1e-5; 0 disables)
+    loss_chunk_tokens: int = 0  # >0: LM head + CE over chunks of this many tokens, recomputed in backward
+    timestep_mlp_width: int = 256  # hidden width of the TimestepMLP (only with noise.timestep_signal=mlp)
+
+
+def _submodule_name(root: nn.Module, target: nn.Module) -> str:
+    """Dotted name of ``target`` inside ``root`` (found by identity)."""
+    for name, module in root.named_modules():
+        if module is target:
+            return name
+    raise ValueError(f"{type(target).__name__} is not a submodule of {type(root).__name__}")
+
+
+def row_noise(levels: torch.Tensor, seeds: torch.Tensor, dim: int, device: torch.device) -> torch.Tensor:
+    """Standard-normal eps at the noisy positions, row by row from each row's seed: float32 [N, dim].
+
+    Rows in order, positions in order within a row (the order of ``levels > 0`` nonzero()).
+    """
+    parts = []
+    for r in range(levels.shape[0]):
+        n = int((levels[r] > 0).sum())
+        if n:
+            g = torch.Generator(device=device).manual_seed(int(seeds[r]))
+            parts.append(torch.randn(n, dim, generator=g, device=device))
+    return torch.cat(parts) if parts else torch.zeros(0, dim, device=device)
+
+
+class NoisyLM(nn.Module):
+    """Adapter model + optional timestep MLP, with the SJD2 loss as its forward.
+
+    The adapter's full model is registered as ``lm`` (so its state dict keys are ``lm.<hf keys>``); the
+    timestep MLP, when used, as ``timestep_mlp``. The backbone and LM head are reached by name inside
+    ``lm`` (never registered twice).
+    """
+
+    def __init__(self, adapter, noise: NoiseConfig, norm: EmbeddingNorm, objective: ObjectiveConfig):
+        super().__init__()
+        self.adapter = adapter  # not an nn.Module: no parameters registered through it
+        self.lm = adapter.model
+        self.noise, self.objective = noise, objective
+        self._backbone = _submodule_name(self.lm, adapter.backbone)
+        self._lm_head = _submodule_name(self.lm, adapter.lm_head)
+        # float32 statistics kept off the module (a bf16 cast of the module must not round them)
+        self.norm = EmbeddingNorm(norm.mean, norm.std)
+        d = int(norm.mean.numel())
+        if noise.timestep_signal == "mlp":
+            self.timestep_mlp = TimestepMLP(d, width=objective.timestep_mlp_width)
+            self._signal_fn = None
+        else:
+            self.timestep_mlp = None
+            self._signal_fn = make_signal(noise, adapter)
+
+    def signal(self, t: torch.Tensor) -> torch.Tensor:
+        """The timestep signal [.., D] of noise times ``t`` [..]."""
+        return self.timestep_mlp(t) if self.timestep_mlp is not None else self._signal_fn(t)
+
+    def inputs_embeds(self, input_ids: torch.Tensor, levels: torch.Tensor, noise_seeds: torch.Tensor) -> torch.Tensor:
+        """Clean embeddings with the noisy positions replaced by their noised version: [B, T, D]."""
+        emb = self.lm.get_submodule(self._backbone).get_input_embeddings()(input_ids)  # [B, T, D]
+        noisy = levels > 0
+        # No data-dependent shortcut when nothing is noisy: under ZeRO-3 every rank must call the same
+        # modules (the signal's embedding / MLP) in the same order, or the parameter all-gathers deadlock.
+        eps = row_noise(levels, noise_seeds, emb.shape[-1], emb.device)  # [N, D]
+        if self.norm.mean.device != emb.device:
+            self.norm = self.norm.to(emb.device)
+        rows, cols = noisy.nonzero(as_tuple=True)  # row-major: matches row_noise's order
+        z = noisy_embedding(emb[rows, cols], levels[rows, cols], eps, self.norm, self.noise, self.signal)  # [N, D]
+        return emb.index_put((rows, cols), z.to(emb.dtype))
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+        levels: torch.Tensor, noise_seeds: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        embeds = self.inputs_embeds(input_ids, levels, noise_seeds)
+        out = self.lm.get_submodule(self._backbone)(
+            inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False
+        )
+        keep = labels != IGNORE  # [B, T]
+        hidden = out.last_hidden_state[keep]  # [N, D]
+        target = labels[keep]  # [N]
+        if hidden.shape[0] == 0:
+            raise ValueError("a micro-batch without loss positions: check the data (image sequence missing?)")
+        ce_sum, z_sum = self._head_loss(hidden, target)
+        n = torch.tensor(float(hidden.shape[0]), device=hidden.device)
+        ce, zl = ce_sum / n, self.objective.z_loss * z_sum / n
+        return {"loss": ce + zl, "ce": ce.detach(), "z_loss": zl.detach(), "n_tokens": n}
+
+    def _head_loss(self, hidden: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of CE, sum of logsumexp^2) over all rows, optionally chunked with recomputation."""
+        chunk = self.objective.loss_chunk_tokens
+        if chunk <= 0 or hidden.shape[0] <= chunk:
+            return self._chunk_loss(hidden, target)
+        ce, z = hidden.new_zeros((), dtype=torch.float32), hidden.new_zeros((), dtype=torch.float32)
+        for i in range(0, hidden.shape[0], chunk):
+            c, zz = checkpoint(self._chunk_loss, hidden[i : i + chunk], target[i : i + chunk], use_reentrant=False)
+            ce, z = ce + c, z + zz
+        return ce, z
+
+    def _chunk_loss(self, hidden: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.lm.get_submodule(self._lm_head)(hidden).float()  # [n, V]
+        ce = F.cross_entropy(logits, target, reduction="sum")
+        z = torch.logsumexp(logits, dim=-1).pow(2).sum() if self.objective.z_loss else logits.new_zeros(())
+        return ce, z
+
+    def trainable_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """{"lm": HF state dict, "timestep_mlp": its state dict or {}} (detached, on CPU)."""
+        return split_state({k: v.detach().cpu() for k, v in self.state_dict().items()})
+
+
+def split_state(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Split a :class:`NoisyLM` state dict into the LM's own keys and the timestep MLP's."""
+    out: dict[str, dict[str, torch.Tensor]] = {"lm": {}, "timestep_mlp": {}}
+    for k, v in state.items():
+        head, _, rest = k.partition(".")
+        if head not in out:
+            raise KeyError(f"unexpected key {k!r} in a NoisyLM state dict")
+        out[head][rest] = v
+    return out
