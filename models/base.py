@@ -135,6 +135,11 @@ class ModelAdapter(Protocol):
     vocab_size: int
     device: torch.device
 
+    image_size: int  # pixels per side of the generated image
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """The conditional prompt's ids as training sequences start (labels go on what follows)."""
+
     def prompt(self, text: str, cfg: bool = True) -> Prefill:
         """Token ids + attention mask of the prompt (2 rows with CFG: conditional, unconditional)."""
 
