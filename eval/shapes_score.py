@@ -22,7 +22,8 @@ def check_images(run_dir: Path, records: Sequence[Mapping[str, Any]]) -> list[di
     for r in records:
         path = Path(run_dir) / r["image"]
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is listed in the records but missing; re-run decode on {run_dir}")
+            raise FileNotFoundError(f"{path} is listed in {run_dir}/samples*.jsonl but missing: remove the line of "
+                                    f"idx {r['idx']} from that file and re-run decode to redo the image")
         with Image.open(path) as im:
             res = check(im.convert("RGB"), r["prompt"])
         out.append({"idx": r["idx"], "sample": r.get("sample", 0), "category": res["category"],
