@@ -38,13 +38,16 @@ def peak_memory(records: Sequence[Mapping[str, Any]]) -> int | None:
 
 def speed_scores(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Every speed metric of one run."""
-    return {
+    out = {
         "step_compression": step_compression(records),
         "n_forwards_mean": statistics.fmean(r["n_forwards"] for r in records),
         "n_tokens_mean": statistics.fmean(r["n_tokens"] for r in records),
         **latency_stats(records),
         "peak_mem_bytes": peak_memory(records),
     }
+    if all(r.get("image_decode_s") is not None for r in records):  # the VQ decode, apart from latency_s
+        out["image_decode_mean_s"] = statistics.fmean(r["image_decode_s"] for r in records)
+    return out
 
 
 def speed_metric(run: Any, options: Mapping[str, Any]) -> dict[str, Any]:
