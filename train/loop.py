@@ -39,6 +39,7 @@ from train.objective import NoisyLM, ObjectiveConfig, split_state
 
 ENGINES = ("auto", "plain", "deepspeed")
 SCHEDULES = ("cosine", "constant")
+DATA_SOURCES = ("shapes", "shards", "random")
 LOSS_COLUMNS = ("step", "epoch", "loss", "ce", "z_loss", "lr", "grad_norm", "n_tokens", "step_time_s")
 LATEST = "latest"  # file in the checkpoint folder naming the newest tag (DeepSpeed's convention too)
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf" / "deepspeed"
@@ -72,11 +73,16 @@ class OptimConfig:
 class DataConfig:
     """Where training records come from (YAML: ``train.data``)."""
 
-    source: str = "shapes"  # "shapes": generated + tokenised on the fly (tiny); "shards": train/data.py output
+    source: str = "shapes"  # "shapes": generated + tokenised at start (tiny); "shards": train/data.py output;
+    #                         "random": random image codes under shapes captions (dry runs, tests)
     path: str | None = None  # shards folder (source=shards)
-    n_examples: int = 4096  # source=shapes: how many examples
-    seed: int = 1  # source=shapes: example i is shapes.example(seed, i)
+    n_examples: int = 4096  # source=shapes/random: how many examples
+    seed: int = 1  # source=shapes/random: example i is drawn from (seed, i)
     limit: int | None = None  # use only the first N records (None: all)
+
+    def __post_init__(self) -> None:
+        if self.source not in DATA_SOURCES:
+            raise ValueError(f"unknown train.data.source {self.source!r}; pick one of {DATA_SOURCES}")
 
 
 @dataclass(frozen=True)
@@ -553,10 +559,16 @@ def fit(
     if done >= total:  # the last step is always checkpointed: consolidate from it
         state = engine.consolidated_state(ckpt_root, _tag(done))
         if dist.main:
-            export = Path(cfg.export_dir) if cfg.export_dir else run_dir / "export"
+            export = _export_path(cfg.export_dir) if cfg.export_dir else run_dir / "export"
             export_weights(adapter, split_state(state), export, cfg, model_cfg)
     log.plot()
     return FitResult(done, total, losses, export, run_dir)
+
+
+def _export_path(path: str) -> Path:
+    """A relative export_dir is relative to the repository root (where conf/model/*.yaml paths point)."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else Path(__file__).resolve().parents[1] / p
 
 
 def _init_distributed(cfg: TrainConfig) -> Dist:

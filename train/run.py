@@ -1,0 +1,160 @@
+"""The train stage: ``python -m train model=tiny train=sjd2_tiny [overrides]`` (Hydra, ``conf/train.yaml``).
+
+A thin wrapper over :func:`train.loop.fit`: compose the config, load the adapter and the training records,
+hand them to the loop. One process runs plain PyTorch; under ``torchrun`` (``launch/finetune.sh``) every
+rank runs this same entry point and the loop switches to DeepSpeed ZeRO-3.
+
+Run dir (``run_dir``, fixed per model + recipe so a restart resumes it): ``config.yaml`` (resolved),
+``env.json``, ``loss.csv`` + ``loss.png``, ``checkpoints/`` (``latest`` + ``step_XXXXXXX/``), and the
+exported weights in ``train.export_dir`` (default ``<run_dir>/export``).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from train.loop import DATA_SOURCES, DataConfig, FitResult, fit, train_config_from_dict
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+class ShardRecords:
+    """``(input_ids, prompt_len)`` view of a ``datasets`` dataset (``train/data.py`` shards)."""
+
+    def __init__(self, ds: Any, limit: int | None = None):
+        missing = {"input_ids", "prompt_len"} - set(ds.column_names)
+        if missing:
+            raise ValueError(f"training shards lack columns {sorted(missing)}; re-create them with `python -m train.data`")
+        self.ds = ds.select(range(min(limit, len(ds)))) if limit is not None else ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> tuple[list[int], int]:
+        row = self.ds[int(i)]
+        return row["input_ids"], int(row["prompt_len"])
+
+
+def shapes_records(adapter: Any, n: int, seed: int) -> list[tuple[list[int], int]]:
+    """``n`` shapes examples (example i = ``shapes.example(seed, i)``) tokenised by the adapter."""
+    from data import shapes
+
+    if not hasattr(adapter, "prompt_ids") or getattr(adapter, "vq", None) is None:
+        raise ValueError(
+            f"train.data.source=shapes needs a model with the shapes tokenizer (tiny); model {adapter.name!r} "
+            "has none. Tokenise images with `python -m train.data` and use train.data.source=shards"
+        )
+    out = []
+    for i in range(n):
+        caption, _, scene = shapes.example(seed, i)
+        image_ids = adapter.encode_image(shapes.render(scene, int(adapter.image_size)))
+        prompt = list(adapter.prompt_ids(caption))
+        out.append((prompt + [int(t) for t in image_ids.tolist()], len(prompt)))
+    return out
+
+
+def random_records(adapter: Any, n: int, seed: int) -> list[tuple[list[int], int]]:
+    """``n`` records of uniformly random image codes under shapes captions (dry runs and tests: no image
+    tokenizer and no data needed; measures memory/throughput of a real model before its data exists)."""
+    from data import shapes
+
+    layout, out = adapter.layout, []
+    for i in range(n):
+        rng = np.random.default_rng([seed, i])
+        caption, _, _ = shapes.sample_example(rng)
+        grid = torch.from_numpy(rng.integers(layout.code_start, layout.code_stop, (layout.height, layout.width)))
+        prompt = list(adapter.prompt_ids(caption))
+        out.append((prompt + layout.sequence(grid).tolist(), len(prompt)))
+    return out
+
+
+def load_records(adapter: Any, data: DataConfig) -> Sequence[tuple[Sequence[int], int]]:
+    """The training records ``train.data`` names."""
+    if data.source == "shapes":
+        n = data.n_examples if data.limit is None else min(data.n_examples, data.limit)
+        return shapes_records(adapter, n, data.seed)
+    if data.source == "random":
+        n = data.n_examples if data.limit is None else min(data.n_examples, data.limit)
+        return random_records(adapter, n, data.seed)
+    if data.source == "shards":
+        from models import resolve_path
+        from train.data import load_shards
+
+        if not data.path:
+            raise ValueError("train.data.source=shards needs train.data.path (a folder written by `python -m train.data`)")
+        path = resolve_path(data.path)
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"training data folder {path} does not exist; create it with "
+                "`python -m train.data model=<model> source=<images> out_dir=<folder>` and set train.data.path"
+            )
+        return ShardRecords(load_shards(path), data.limit)
+    raise ValueError(f"unknown train.data.source {data.source!r}; pick one of {DATA_SOURCES}")
+
+
+def wandb_logger(wcfg: DictConfig, run_dir: Path, config: dict) -> tuple[Callable | None, Callable[[], None]]:
+    """(log(row, step), finish()) for wandb on rank 0; no-ops when ``wandb.mode: disabled``."""
+    if wcfg.mode == "disabled" or int(os.environ.get("RANK", 0)) != 0:
+        return None, lambda: None
+    import wandb
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    id_file = run_dir / "wandb_id.txt"  # the same wandb run continues after a resume
+    run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+    id_file.write_text(run_id)
+    run = wandb.init(mode=wcfg.mode, project=wcfg.project, entity=wcfg.entity, name=wcfg.name, id=run_id,
+                     resume="allow", dir=str(run_dir), config=config)
+    return (lambda row, step: run.log(row, step=step)), run.finish
+
+
+def model_config_for_rank(model_cfg: dict) -> dict:
+    """Under torchrun each rank loads its model onto its own GPU (``cuda`` -> ``cuda:$LOCAL_RANK``)."""
+    device = str(model_cfg.get("device", "cpu"))
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and device == "cuda":
+        return {**model_cfg, "device": f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"}
+    return model_cfg
+
+
+def run(cfg: DictConfig) -> FitResult:
+    """The stage as a function (tests call it with a composed config)."""
+    from models import load_adapter
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    train_cfg = train_config_from_dict(resolved["train"])
+    run_dir = Path(cfg.run_dir)
+    model_cfg = model_config_for_rank(resolved["model"])
+    adapter = load_adapter(model_cfg)
+    records = load_records(adapter, train_cfg.data)
+    if int(os.environ.get("RANK", 0)) == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
+    log, finish = wandb_logger(cfg.wandb, run_dir, resolved)
+    try:
+        return fit(adapter, records, train_cfg, run_dir, resume=bool(cfg.resume), progress=bool(cfg.progress),
+                   logger=log, model_cfg=model_cfg)
+    finally:
+        finish()
+
+
+def compose(overrides: Sequence[str] = ()) -> DictConfig:
+    """``conf/train.yaml`` composed with Hydra overrides, outside a Hydra app (tests)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=list(overrides))
+
+
+def main() -> None:
+    import hydra
+
+    hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")(run)()
+
+
+if __name__ == "__main__":
+    main()
