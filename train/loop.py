@@ -500,7 +500,6 @@ def fit(
     resume: bool = True,
     progress: bool = True,
     logger: Callable[[dict[str, Any], int], None] | None = None,
-    model_cfg: dict | None = None,
 ) -> FitResult:
     """Fine-tune ``adapter`` for next-clean-token prediction on ``records`` ((input_ids, prompt_len) pairs).
 
@@ -560,7 +559,7 @@ def fit(
         state = engine.consolidated_state(ckpt_root, _tag(done))
         if dist.main:
             export = _export_path(cfg.export_dir) if cfg.export_dir else run_dir / "export"
-            export_weights(adapter, split_state(state), export, cfg, model_cfg)
+            export_weights(adapter, split_state(state), export, cfg, module.norm)
     log.plot()
     return FitResult(done, total, losses, export, run_dir)
 
@@ -685,16 +684,23 @@ def _progress_bar(start: int, total: int, enabled: bool):
 
 
 def export_weights(adapter: Any, state: dict[str, dict[str, torch.Tensor]], out_dir: str | Path,
-                   cfg: TrainConfig, model_cfg: dict | None = None) -> Path:
+                   cfg: TrainConfig, norm: EmbeddingNorm | None = None) -> Path:
     """Write the fine-tuned weights in the model's own format (tiny: config.json + model.safetensors +
-    vq.safetensors; HF models: ``save_pretrained`` + tokenizer), plus ``sjd2.json`` (the noise the model
-    was trained with) and, with the MLP timestep signal, ``timestep_mlp.safetensors``."""
+    vq.safetensors; HF models: ``save_pretrained`` + tokenizer), plus ``sjd2.json`` and, with the MLP
+    timestep signal, ``timestep_mlp.safetensors``.
+
+    The recipe (``sjd2.json``; tiny also in ``config.extra["sjd2"]``) holds the noise options the model was
+    trained with (the decoder checks them) and ``embedding_norm``: the frozen mean/std the training inputs
+    were normalised with (those of the starting weights).
+    """
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     recipe = {"noise": asdict(cfg.noise), "layout": asdict(cfg.layout), "objective": asdict(cfg.objective),
               "optim": {**asdict(cfg.optim), "betas": list(cfg.optim.betas)}, "name": cfg.name}
+    if norm is not None:
+        recipe["embedding_norm"] = {"mean": norm.mean.cpu().tolist(), "std": norm.std.cpu().tolist()}
     lm_state = state["lm"]
     if getattr(adapter, "config", None) is not None and type(adapter).__name__ == "TinyAdapter":
         _export_tiny(adapter, lm_state, out, recipe)

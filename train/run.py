@@ -136,7 +136,7 @@ def run(cfg: DictConfig) -> FitResult:
     log, finish = wandb_logger(cfg.wandb, run_dir, resolved)
     try:
         return fit(adapter, records, train_cfg, run_dir, resume=bool(cfg.resume), progress=bool(cfg.progress),
-                   logger=log, model_cfg=model_cfg)
+                   logger=log)
     finally:
         finish()
 
