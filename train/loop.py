@@ -598,7 +598,11 @@ def _build_module(adapter: Any, cfg: TrainConfig) -> NoisyLM:
     norm = EmbeddingNorm.from_adapter(adapter)  # frozen statistics of the starting weights
     module = NoisyLM(adapter, cfg.noise, norm, cfg.objective)
     if cfg.grad_checkpointing:
-        adapter.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(adapter.model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            adapter.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            adapter.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     adapter.model.config.use_cache = False
     module.train()
     return module
