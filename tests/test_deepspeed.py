@@ -33,7 +33,7 @@ def launch(run_dir: Path, *extra: str, nproc: int = 2) -> subprocess.CompletedPr
     env = {**os.environ, "PY": sys.executable, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     args = ["bash", "launch/finetune.sh", "tiny_random", str(nproc), *OVERRIDES, f"run_dir={run_dir}",
             f"train.export_dir={run_dir / 'export'}", *extra]
-    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False)
 
 
 def losses(run_dir: Path) -> list[float]:

@@ -1,6 +1,7 @@
 """The SJD2 objective and the single-process training loop (train/objective.py, train/loop.py, train/run.py)."""
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import replace
@@ -14,7 +15,14 @@ from models.tiny import build
 from tests.conftest import micro_config
 from tests.test_noising import records
 from train.loop import (
-    BatchPlan, DataConfig, LossLog, OptimConfig, TrainConfig, deepspeed_config, fit, lr_factor,
+    BatchPlan,
+    DataConfig,
+    LossLog,
+    OptimConfig,
+    TrainConfig,
+    deepspeed_config,
+    fit,
+    lr_factor,
     train_config_from_dict,
 )
 from train.noising import NoiseLayoutConfig, make_batch, unconditional_ids
@@ -37,8 +45,8 @@ def config(**kw) -> TrainConfig:
     return replace(base, **kw)
 
 
-def module_for(adapter, objective: ObjectiveConfig = ObjectiveConfig(), noise: NoiseConfig = NOISE) -> NoisyLM:
-    return NoisyLM(adapter, noise, EmbeddingNorm.from_adapter(adapter), objective)
+def module_for(adapter, objective: ObjectiveConfig | None = None, noise: NoiseConfig = NOISE) -> NoisyLM:
+    return NoisyLM(adapter, noise, EmbeddingNorm.from_adapter(adapter), objective or ObjectiveConfig())
 
 
 def fixed_batch(adapter, n: int = 4, clean_share: float = 0.0):
@@ -136,7 +144,7 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run_exactly(tmp_path):
     assert killed.steps_done == 3 and killed.export_dir is None
     resumed = fit(micro(), recs, config(), tmp_path / "resumed", progress=False)  # a fresh process would do this
     assert killed.losses + resumed.losses == full.losses  # bit-for-bit
-    curve = lambda d: [(r["step"], r["loss"], r["lr"]) for r in LossLog.read(d / "loss.csv")]  # noqa: E731
+    curve = lambda d: [(r["step"], r["loss"], r["lr"]) for r in LossLog.read(d / "loss.csv")]
     assert curve(tmp_path / "resumed") == curve(tmp_path / "full")
     from safetensors.torch import load_file
 
@@ -175,7 +183,7 @@ def test_bf16_autocast_and_gradient_checkpointing_train(tmp_path):
     adapter = micro()
     ckpt = fit(adapter, recs, config(max_steps=2, ckpt_every=0, grad_checkpointing=True), tmp_path / "b",
                progress=False)
-    assert adapter.model.is_gradient_checkpointing
+    assert getattr(adapter.model, "is_activation_checkpointing", None) or adapter.model.is_gradient_checkpointing
     assert ckpt.losses == pytest.approx(plain.losses, rel=1e-5)  # recomputation changes nothing
     bf16 = fit(micro(), recs, config(max_steps=2, ckpt_every=0, bf16=True), tmp_path / "c", progress=False)
     assert bf16.losses == pytest.approx(plain.losses, rel=0.05) and bf16.losses != plain.losses
@@ -217,7 +225,7 @@ def test_lr_warms_up_then_follows_cosine_or_stays_constant():
     cos = OptimConfig(warmup_steps=4, schedule="cosine", min_lr_ratio=0.1)
     f = [lr_factor(s, 20, cos) for s in range(20)]
     assert f[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
-    assert all(a >= b for a, b in zip(f[3:], f[4:])) and f[-1] == pytest.approx(0.1, abs=0.01)
+    assert all(a >= b for a, b in itertools.pairwise(f[3:])) and f[-1] == pytest.approx(0.1, abs=0.01)
     const = OptimConfig(warmup_steps=2, schedule="constant")
     assert [lr_factor(s, 20, const) for s in (0, 1, 5, 19)] == [0.5, 1.0, 1.0, 1.0]
 
@@ -270,10 +278,9 @@ def test_the_stage_runs_from_hydra_overrides_and_reads_shards(tmp_path):
     """`python -m train ...` in-process: shards from train/data.py, one process, weights exported."""
     import datasets
 
+    from models import load_adapter
     from models.tiny import load
     from train.run import compose, random_records, run
-
-    from models import load_adapter
 
     shard_root = tmp_path / "shards"
     overrides = [

@@ -26,9 +26,10 @@ import platform
 import shutil
 import subprocess
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -158,9 +159,9 @@ class Dist:
         return self.rank == 0
 
     @classmethod
-    def from_env(cls) -> "Dist":
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                   int(os.environ.get("LOCAL_RANK", 0)))
+    def from_env(cls) -> Dist:
+        return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+                   int(os.environ.get("LOCAL_RANK", "0")))
 
 
 @dataclass(frozen=True)
@@ -401,8 +402,7 @@ class LossLog:
         keep = [r for r in rows if int(r["step"]) <= start_step]
         with open(self.path, "w") as f:
             f.write(",".join(LOSS_COLUMNS) + "\n")
-            for r in keep:
-                f.write(",".join(str(r[c]) for c in LOSS_COLUMNS) + "\n")
+            f.writelines(",".join(str(r[c]) for c in LOSS_COLUMNS) + "\n" for r in keep)
 
     def append(self, row: dict[str, Any]) -> None:
         if self.enabled:
@@ -449,7 +449,7 @@ def environment(dist: Dist, device: torch.device) -> dict[str, Any]:
     import transformers
 
     try:
-        git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+        git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False,
                              cwd=Path(__file__).resolve().parent).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         git = ""

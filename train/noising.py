@@ -30,8 +30,8 @@ index), so a batch does not depend on the world size, the rank or on what ran be
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -77,7 +77,7 @@ class Batch:
     noise_seeds: torch.Tensor  # [B] seed of each row's Gaussian noise
     image_start: int  # column of the first image-sequence token
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str) -> Batch:
         return Batch(
             self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
             self.levels.to(device), self.noise_seeds, self.image_start,

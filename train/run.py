@@ -11,8 +11,9 @@ exported weights in ``train.export_dir`` (default ``<run_dir>/export``).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -99,7 +100,7 @@ def load_records(adapter: Any, data: DataConfig) -> Sequence[tuple[Sequence[int]
 
 def wandb_logger(wcfg: DictConfig, run_dir: Path, config: dict) -> tuple[Callable | None, Callable[[], None]]:
     """(log(row, step), finish()) for wandb on rank 0; no-ops when ``wandb.mode: disabled``."""
-    if wcfg.mode == "disabled" or int(os.environ.get("RANK", 0)) != 0:
+    if wcfg.mode == "disabled" or int(os.environ.get("RANK", "0")) != 0:
         return None, lambda: None
     import wandb
 
@@ -115,8 +116,8 @@ def wandb_logger(wcfg: DictConfig, run_dir: Path, config: dict) -> tuple[Callabl
 def model_config_for_rank(model_cfg: dict) -> dict:
     """Under torchrun each rank loads its model onto its own GPU (``cuda`` -> ``cuda:$LOCAL_RANK``)."""
     device = str(model_cfg.get("device", "cpu"))
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and device == "cuda":
-        return {**model_cfg, "device": f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"}
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device == "cuda":
+        return {**model_cfg, "device": f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"}
     return model_cfg
 
 
@@ -130,7 +131,7 @@ def run(cfg: DictConfig) -> FitResult:
     model_cfg = model_config_for_rank(resolved["model"])
     adapter = load_adapter(model_cfg)
     records = load_records(adapter, train_cfg.data)
-    if int(os.environ.get("RANK", 0)) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
     log, finish = wandb_logger(cfg.wandb, run_dir, resolved)
