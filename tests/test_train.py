@@ -296,3 +296,28 @@ def test_the_stage_runs_from_hydra_overrides_and_reads_shards(tmp_path):
     assert (tmp_path / "run" / "config.yaml").is_file()
     assert load(tmp_path / "export", image_size=16).config.extra["sjd2"]["noise"]["levels"] == 5
     assert Path(res.export_dir) == tmp_path / "export"
+
+
+def test_hf_models_export_with_save_pretrained_and_load_back_with_their_recipe(tmp_path):
+    """The real-model path on a tiny random Lumina-mGPT (Chameleon classes): train, export, reload."""
+    from safetensors.torch import load_file
+
+    from models import load_adapter
+    from train.run import compose, run
+
+    res = run(compose([
+        "model=lumina_mgpt_tiny_random", "model.image_size=64", "train=sjd2_lumina_mgpt", "train.bf16=false",
+        "train.data.source=random", "train.data.n_examples=2", "train.max_steps=1", "train.micro_batch=2",
+        "train.global_batch=2", "train.optim.lr=1e-3", "train.optim.warmup_steps=0",
+        "train.objective.loss_chunk_tokens=16", f"run_dir={tmp_path / 'run'}", f"train.export_dir={tmp_path / 'x'}",
+        "progress=false",
+    ]))
+    assert res.export_dir == tmp_path / "x" and (tmp_path / "x" / "sjd2.json").is_file()
+    loaded = load_adapter({"family": "lumina_mgpt", "name": "lumina_sjd2", "path": str(tmp_path / "x"),
+                           "image_size": 64, "device": "cpu", "dtype": "float32", "local_files_only": True,
+                           "random_init": False, "vq_path": None})
+    saved = load_file(str(tmp_path / "x" / "model.safetensors"))
+    state = loaded.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in saved.items())
+    base = load_adapter(compose(["model=lumina_mgpt_tiny_random", "model.image_size=64"]).model).model.state_dict()
+    assert any(not torch.equal(base[k], v) for k, v in saved.items())  # the weights were trained
