@@ -528,7 +528,7 @@ def fit(
     uncond, pad = unconditional_ids(adapter), _pad_id(adapter)
     stop = min(total, cfg.stop_after_steps) if cfg.stop_after_steps > 0 else total
     bar = _progress_bar(start, total, progress and dist.main)
-    losses, step = [], start
+    losses: list[float] = []
     for step in range(start, stop):
         t0 = time.perf_counter()
         lr = engine.lr  # the lr this step uses (DeepSpeed steps its scheduler inside forward_backward)
