@@ -321,3 +321,15 @@ def test_hf_models_export_with_save_pretrained_and_load_back_with_their_recipe(t
     assert all(torch.equal(state[k], v) for k, v in saved.items())
     base = load_adapter(compose(["model=lumina_mgpt_tiny_random", "model.image_size=64"]).model).model.state_dict()
     assert any(not torch.equal(base[k], v) for k, v in saved.items())  # the weights were trained
+
+
+def test_wandb_offline_logs_the_run_into_the_run_dir(tmp_path):
+    from train.run import compose, run
+
+    run(compose([
+        "model=tiny_random", "model.image_size=16", "train.data.source=random", "train.data.n_examples=4",
+        "train.max_steps=1", "train.micro_batch=2", "train.global_batch=4", f"run_dir={tmp_path}",
+        f"train.export_dir={tmp_path / 'export'}", "progress=false", "wandb.mode=offline",
+    ]))
+    run_id = (tmp_path / "wandb_id.txt").read_text().strip()
+    assert list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))

@@ -11,6 +11,7 @@ exported weights in ``train.export_dir`` (default ``<run_dir>/export``).
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -106,7 +107,7 @@ def wandb_logger(wcfg: DictConfig, run_dir: Path, config: dict) -> tuple[Callabl
 
     run_dir.mkdir(parents=True, exist_ok=True)
     id_file = run_dir / "wandb_id.txt"  # the same wandb run continues after a resume
-    run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id)
     run = wandb.init(mode=wcfg.mode, project=wcfg.project, entity=wcfg.entity, name=wcfg.name, id=run_id,
                      resume="allow", dir=str(run_dir), config=config)
