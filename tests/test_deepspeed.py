@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO-3 with 2 CPU processes (torchrun, gloo) through launch/finetune.sh: the same loss curve as
 one plain process, exact resume after a kill, consolidated weights that load into the single-process model.
 
-Slow (three launches of ~15 s each on 2 cores; the very first DeepSpeed launch on a machine also compiles
+The launches are slow (three of ~15 s each on 2 cores; the very first DeepSpeed launch on a machine also compiles
 its shared-memory comm op, ~2 minutes, cached afterwards): run by ``make test-full``.
 """
 from __future__ import annotations
@@ -17,7 +17,6 @@ import torch
 from train.loop import LossLog
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
 
 # micro_batch 1 x 2 processes x accumulation 2 = global batch 4; chunked head loss + activation
 # checkpointing: the code path of the real-model recipes.
@@ -40,6 +39,7 @@ def losses(run_dir: Path) -> list[float]:
     return [float(r["loss"]) for r in LossLog.read(run_dir / "loss.csv")]
 
 
+@pytest.mark.slow
 def test_zero3_on_two_cpu_processes_matches_one_process_resumes_exactly_and_exports(tmp_path):
     from safetensors.torch import load_file
 
@@ -78,7 +78,17 @@ def test_zero3_on_two_cpu_processes_matches_one_process_resumes_exactly_and_expo
     assert loaded.config.extra["sjd2"]["noise"]["levels"] == 5
 
 
+@pytest.mark.slow
 def test_an_impossible_batch_for_the_world_size_stops_with_the_fix(tmp_path):
     res = launch(tmp_path / "bad", "train.global_batch=3", "train.data.n_examples=12")
     assert res.returncode != 0
     assert "not divisible" in res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "usage"), (["no_such_model", "2"], "unknown MODEL"), (["tiny", "two"], "NPROC must be"),
+])
+def test_the_launcher_refuses_bad_arguments_before_starting(args, message):
+    res = subprocess.run(["bash", "launch/finetune.sh", *args], cwd=REPO, capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert res.returncode == 2 and message in res.stderr
