@@ -538,7 +538,7 @@ def fit(
                                cfg.layout, cfg.noise.levels, cfg.seed)
             stats.append(engine.forward_backward(batch))
         grad_norm = engine.optimizer_step()
-        row = _step_row(step, plan, stats, lr, grad_norm, time.perf_counter() - t0, dist)
+        row = _step_row(step, plan, stats, lr, grad_norm, time.perf_counter() - t0, dist, engine.device)
         losses.append(row["loss"])
         if dist.main and ((step + 1) % cfg.log_every == 0 or step + 1 == stop):
             log.append(row)
@@ -582,11 +582,10 @@ def _init_distributed(cfg: TrainConfig) -> Dist:
         import deepspeed
         import torch.distributed as tdist
 
-        if not tdist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            deepspeed.init_distributed(dist_backend=backend)
         if torch.cuda.is_available():
             torch.cuda.set_device(dist.local_rank)
+        if not tdist.is_initialized():
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     return dist
 
 
@@ -661,17 +660,18 @@ def _pad_id(adapter: Any) -> int:
 
 
 def _step_row(step: int, plan: BatchPlan, stats: list[dict], lr: float, grad_norm: float, dt: float,
-              dist: Dist) -> dict[str, Any]:
-    """Mean of the micro-batch stats over micro-batches and ranks."""
+              dist: Dist, device: torch.device) -> dict[str, Any]:
+    """Mean of the micro-batch stats over micro-batches and ranks (the all-reduce runs on the engine's
+    device: NCCL reduces CUDA tensors only)."""
     keys = ("loss", "ce", "z_loss")
     local = torch.tensor([sum(s[k] for s in stats) / len(stats) for k in keys] + [sum(s["n_tokens"] for s in stats)],
-                         dtype=torch.float64)
+                         dtype=torch.float64, device=device)
     if dist.world > 1:
         import torch.distributed as tdist
 
         tdist.all_reduce(local)
         local[:3] /= dist.world
-    vals = local.tolist()
+    vals = local.cpu().tolist()
     return {"step": step + 1, "epoch": plan.epoch_of(step), "loss": vals[0], "ce": vals[1], "z_loss": vals[2],
             "lr": lr, "grad_norm": grad_norm, "n_tokens": int(vals[3]), "step_time_s": dt}
 
