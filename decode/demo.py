@@ -31,7 +31,7 @@ def load_models(rows: Sequence[tuple[str, str]], overrides: Sequence[str] = ()) 
     adapters: dict[str, Any] = {}
     for model in dict.fromkeys(m for m, _ in rows):
         if not (CONF_DIR / "model" / f"{model}.yaml").is_file() and model in OPTIONAL_MODELS:
-            print(f"[demo] skipping model={model}: conf/model/{model}.yaml does not exist")
+            print(f"skipping model={model}: conf/model/{model}.yaml does not exist")
             continue
         cfg = compose_config([f"model={model}", *overrides]).model
         try:
@@ -39,7 +39,7 @@ def load_models(rows: Sequence[tuple[str, str]], overrides: Sequence[str] = ()) 
         except (FileNotFoundError, OSError) as e:
             if model not in OPTIONAL_MODELS:
                 raise
-            print(f"[demo] skipping model={model}: {e}")
+            print(f"skipping model={model}: {e}")
     return adapters
 
 
