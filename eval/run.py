@@ -13,6 +13,7 @@ import glob
 import importlib
 import json
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +95,11 @@ def load_run(run_dir: str | Path) -> RunData:
     return RunData(run_dir, config, [merged[k] for k in sorted(merged)])
 
 
+def _natural_key(path: str) -> list:
+    """Sort ``w4`` before ``w16``: digit runs compare as numbers."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", path)]
+
+
 def expand_run_dirs(run_dir: str | None, run_dirs: Sequence[str] | None) -> list[Path]:
     """``run_dir`` and ``run_dirs`` (paths or globs) -> run dirs (those holding a config.yaml), in order."""
     patterns = ([run_dir] if run_dir else []) + list(run_dirs or [])
@@ -102,7 +108,7 @@ def expand_run_dirs(run_dir: str | None, run_dirs: Sequence[str] | None) -> list
     out: list[Path] = []
     for pat in patterns:
         if glob.has_magic(str(pat)):  # a glob keeps only run dirs (tables and plots may sit beside them)
-            hits = [h for h in sorted(glob.glob(str(pat))) if (Path(h) / CONFIG_FILE).is_file()]
+            hits = [h for h in sorted(glob.glob(str(pat)), key=_natural_key) if (Path(h) / CONFIG_FILE).is_file()]
         else:
             hits = [str(pat)]
         if not hits:

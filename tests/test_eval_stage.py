@@ -143,14 +143,14 @@ def test_run_dirs_expand_globs_and_refuse_missing(tmp_path):
 
 def _sweep(tmp_path: Path) -> list[Path]:
     dirs = [write_run(tmp_path / "ar", [speed_record(i, 25, 1.0 + i) for i in range(3)])]
-    for w, d in ((4, 2), (8, 2), (4, 5), (8, 5)):
+    for w, d in ((4, 2), (16, 2), (4, 5), (16, 5)):
         dirs.append(write_run(tmp_path / f"sjd2_w{w}_d{d}", [speed_record(i, 25 // (w // 2), 0.5) for i in range(3)],
                               decoder={"name": "sjd2", "window": w, "denoise_steps": d, "schedule": "karras"}))
     return dirs
 
 
 def test_table_puts_runs_side_by_side(tmp_path, capsys):
-    dirs = sorted(_sweep(tmp_path))  # the glob's order
+    dirs = sorted(_sweep(tmp_path), key=lambda d: (d.name != "ar", "w16" in d.name, d.name))  # natural order
     cfg = {"eval": {"metrics": ["speed"], "options": {}}, "run_dirs": [str(tmp_path / "*")],
            "table_dir": str(tmp_path / "tables"), "name": "scores", "formats": ["md", "csv", "tex"],
            "plot": {"enabled": True}}
@@ -165,7 +165,8 @@ def test_table_puts_runs_side_by_side(tmp_path, capsys):
     assert "schedule" not in header, "an option equal in every run is not a column"
 
     rows = list(csv.DictReader(io.StringIO((tmp_path / "tables" / "scores.csv").read_text())))
-    assert [r["run"] for r in rows] == [d.name for d in dirs]
+    assert [r["run"] for r in rows] == [d.name for d in dirs] == ["ar", "sjd2_w4_d2", "sjd2_w4_d5", "sjd2_w16_d2",
+                                                                   "sjd2_w16_d5"]
     for row, d in zip(rows, dirs):
         recs = [json.loads(x) for x in (d / "samples.jsonl").read_text().splitlines()]
         assert float(row["step_compression"]) == pytest.approx(statistics.fmean(r["n_tokens"] / r["n_forwards"]
