@@ -7,10 +7,10 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from decode.run import decode_run
+from decode.run import CONF_DIR, decode_run
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="decode")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="decode")
 def main(cfg: DictConfig) -> None:
     summary = decode_run(cfg)
     print(f"{summary.out_dir}: {summary.n_decoded} decoded, {summary.n_skipped} already there, "

@@ -467,3 +467,9 @@ def _decode_images(conf: Mapping[str, Any], todo: list[tuple[Prompt, int]], run_
         save_image(image, run_dir / name)
         append_record(records_path, make_record(prompt, j, s, name, timed, image_decode_s, conf, shard[0]))
     return len(todo)
+
+
+if __name__ == "__main__":  # `python -m decode.run ...` == `python -m decode ...` (DESIGN.md section 1)
+    from decode.__main__ import main
+
+    main()

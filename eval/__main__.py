@@ -8,10 +8,11 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from decode.run import CONF_DIR
 from eval.run import evaluate
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
 def main(cfg: DictConfig) -> None:
     evaluate(OmegaConf.to_container(cfg, resolve=True))
 

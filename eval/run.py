@@ -194,3 +194,9 @@ def evaluate(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
             written.append(png)
     print("wrote " + ", ".join(str(p) for p in written))
     return all_scores
+
+
+if __name__ == "__main__":  # `python -m eval.run ...` == `python -m eval ...`
+    from eval.__main__ import main
+
+    main()
