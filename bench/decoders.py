@@ -1,6 +1,6 @@
 """``make bench``: AR vs SJD (vs SJD2) on the trained tiny models, same prompts and seeds, one process.
 
-Per row: step compression (mean of per-image ratios), latency mean / median, latency ratio against AR
+Per row: step compression (mean of per-image ratios), latency mean / median, latency speed-up over AR
 on the same model, and the share of the decode time spent outside the model forward (sampling,
 acceptance tests, cache bookkeeping: the loop overhead that speculative decoding adds). The forward
 time is measured by :class:`ForwardTimer`, a proxy around the adapter (no patching). Images go
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from decode.demo import TABLE1_ROWS, load_models
-from decode.run import compose_config, environment, image_seed, timed_generate
+from decode.run import compose_config, environment, image_seed, sync_device, timed_generate
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -38,12 +38,10 @@ class ForwardTimer:
 
     def forward(self, inputs_embeds: torch.Tensor, cache: Any, attention_mask: torch.Tensor) -> tuple[torch.Tensor, Any]:
         device = torch.device(self._inner.device)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync_device(device)
         t0 = time.perf_counter()
         out = self._inner.forward(inputs_embeds, cache, attention_mask)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync_device(device)
         self.forward_s += time.perf_counter() - t0
         self.n_forwards += 1
         return out
@@ -74,21 +72,16 @@ def bench_row(adapter: Any, model: str, decoder: str, prompts: Sequence[Any], se
         records.append({"idx": p.idx, "n_tokens": t.result.n_tokens, "n_forwards": t.result.n_forwards,
                         "latency_s": t.latency_s, "forward_s": timer.forward_s, "peak_mem_bytes": t.peak_mem_bytes})
     outside = [1.0 - r["forward_s"] / r["latency_s"] for r in records]
-    return {"model": model, "decoder": decoder, "decoder_options": decoder_cfg, "sampling": dict(cfg.sampling),
-            **speed_scores(records), "outside_forward_share": statistics.fmean(outside),
-            "forward_ms_mean": 1000 * statistics.fmean(r["forward_s"] / r["n_forwards"] for r in records),
-            "records": records}
-
-
-def add_ar_ratios(rows: list[dict[str, Any]]) -> None:
-    """``latency_ratio_vs_ar`` = AR latency / row latency, against the AR row of the same model."""
-    for row in rows:
-        ar = next((r for r in rows if r["model"] == row["model"] and r["decoder"] == "ar"), None)
-        row["latency_ratio_vs_ar"] = ar["latency_mean_s"] / row["latency_mean_s"] if ar else None
+    metrics = {**speed_scores(records), "outside_forward_share": statistics.fmean(outside),
+               "forward_ms_mean": 1000 * statistics.fmean(r["forward_s"] / r["n_forwards"] for r in records)}
+    # The scores.json shape of eval.run, so eval.tables builds the table (and latency_speedup = AR latency / this latency).
+    return {"run_dir": f"{model}/{decoder}", "model": model, "decoder": decoder, "decoder_options": decoder_cfg,
+            "sampling": dict(cfg.sampling), "prompts": "shapes", "seed": seed, "n_images": len(records),
+            "metrics": metrics, "records": records}
 
 
 COLUMNS = ("model", "decoder", "step_compression", "n_forwards_mean", "latency_mean_s", "latency_median_s",
-           "latency_ratio_vs_ar", "outside_forward_share", "forward_ms_mean")
+           "latency_speedup", "outside_forward_share", "forward_ms_mean")
 
 
 def run_bench(n_prompts: int = 24, seed: int = 0, rows: Sequence[tuple[str, str]] = TABLE1_ROWS,
@@ -96,20 +89,20 @@ def run_bench(n_prompts: int = 24, seed: int = 0, rows: Sequence[tuple[str, str]
               out_dir: Path = RESULTS_DIR) -> tuple[list[dict[str, Any]], Path]:
     """Bench every row whose model loads; print the table; save the JSON. Returns (rows, json path)."""
     from data.prompts import load_prompts
-    from eval.tables import to_markdown
+    from eval.tables import build_table, select_columns, to_markdown
 
     adapters = load_models(rows, overrides) if adapters is None else adapters
     prompts = load_prompts({"kind": "shapes", "name": "shapes", "limit": n_prompts})
     results = [bench_row(adapters[m], m, d, prompts, seed, overrides) for m, d in rows if m in adapters]
-    add_ar_ratios(results)
-    print(to_markdown(COLUMNS, [[r[c] for c in COLUMNS] for r in results]))
+    header, table = select_columns(*build_table(results), COLUMNS)
+    print(to_markdown(header, table))
     device = next(iter(adapters.values())).device if adapters else None
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"decoders-{time.strftime('%Y%m%d-%H%M%S')}.json"
     payload = {"n_prompts": n_prompts, "seed": seed, "overrides": list(overrides), "env": environment(device),
                "protocol": "batch 1, warm-up decode per row excluded, synchronised perf_counter; "
                            "outside_forward_share = mean over images of 1 - forward time / decode time",
-               "rows": results}
+               "table": {"header": header, "rows": table}, "rows": results}
     path.write_text(json.dumps(payload, indent=1))
     print(f"[bench] wrote {path}")
     return results, path

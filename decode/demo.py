@@ -64,15 +64,6 @@ def run_rows(rows: Sequence[tuple[str, str]], adapters: dict[str, Any], n_prompt
     return dirs
 
 
-def demo_table(scores: Sequence[dict]) -> tuple[list[str], list[list[Any]]]:
-    """The side-by-side table of :mod:`eval.tables`, cut to the demo's columns."""
-    from eval.tables import build_table
-
-    header, rows = build_table(scores)
-    keep = [i for i, h in enumerate(header) if h in DEMO_COLUMNS]
-    return [header[i] for i in keep], [[r[i] for i in keep] for r in rows]
-
-
 def write_grid(run_dirs: Sequence[Path], labels: Sequence[str], out_png: Path, n_cols: int | None = None) -> Path:
     """Images of the same prompts side by side: one row per run dir, captions as column titles.
 
@@ -118,7 +109,7 @@ def demo(n_prompts: int = 12, seed: int = 0, out_root: str | Path = "runs/demo",
          adapters: dict[str, Any] | None = None) -> tuple[list[dict], Path]:
     """Decode, score, print the table, write the grid; returns (scores per row, grid path)."""
     from eval.run import evaluate_run
-    from eval.tables import to_markdown, write_tables
+    from eval.tables import build_table, select_columns, to_markdown, write_tables
 
     out_root = Path(out_root)
     adapters = load_models(rows, overrides) if adapters is None else adapters
@@ -127,7 +118,7 @@ def demo(n_prompts: int = 12, seed: int = 0, out_root: str | Path = "runs/demo",
             shutil.rmtree(row_dir(out_root, model, decoder), ignore_errors=True)
     dirs = run_rows(rows, adapters, n_prompts, seed, out_root, overrides)
     scores = [evaluate_run(d, ["speed", "shapes"]) for d in dirs]
-    header, table = demo_table(scores)
+    header, table = select_columns(*build_table(scores), DEMO_COLUMNS)
     print(to_markdown(header, table))
     write_tables(header, table, out_root / "table")
     labels = [f"{s['model']}\n{s['decoder']}" for s in scores]

@@ -287,7 +287,8 @@ def prepare_run_dir(run_dir: Path, conf: Mapping[str, Any], force: bool) -> None
 # One image
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a host timer measures it (no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -320,10 +321,10 @@ def timed_generate(generate_fn: GenerateFn, adapter: Any, text: str, decoder_cfg
     generator = torch.Generator(device=device).manual_seed(seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    _sync(device)
+    sync_device(device)
     start = time.perf_counter()
     result = generate_fn(adapter, text, decoder_cfg, sampling, generator)
-    _sync(device)
+    sync_device(device)
     latency_s = time.perf_counter() - start
     peak = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
     return Timed(result, latency_s, peak)

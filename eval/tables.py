@@ -123,6 +123,14 @@ def to_latex(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def select_columns(header: Sequence[str], rows: Sequence[Sequence[Any]],
+                   keep: Iterable[str]) -> tuple[list[str], list[list[Any]]]:
+    """The table cut to the columns in ``keep`` (in the table's order; absent names are ignored)."""
+    keep = set(keep)
+    idx = [i for i, h in enumerate(header) if h in keep]
+    return [header[i] for i in idx], [[r[i] for i in idx] for r in rows]
+
+
 FORMATS = {"md": to_markdown, "csv": to_csv, "tex": to_latex}
 
 

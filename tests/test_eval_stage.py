@@ -13,6 +13,7 @@ import yaml
 
 from eval.run import evaluate, evaluate_run, expand_run_dirs, load_run, resolve_metric
 from eval.tables import build_table, to_csv, to_latex, to_markdown
+from tests.test_decode_stage import no_launcher_env  # noqa: F401  (autouse: no RANK/WORLD_SIZE leaks in)
 
 
 def write_run(run_dir: Path, records: list[dict], decoder: dict | None = None, kind: str = "shapes",
@@ -207,12 +208,10 @@ def test_plot_is_skipped_when_no_option_varies(tmp_path):
 # End to end: decode -> eval on the micro model
 
 
-def test_decode_then_eval_end_to_end(tmp_path, monkeypatch):
+def test_decode_then_eval_end_to_end(tmp_path):
     from decode.run import decode_run
     from tests.test_decode_stage import decode_cfg, make_micro_adapter
 
-    for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
-        monkeypatch.delenv(var, raising=False)
     adapter = make_micro_adapter()
     dirs = []
     for dec in ("ar", "sjd"):
@@ -234,13 +233,11 @@ def test_decode_then_eval_end_to_end(tmp_path, monkeypatch):
 # Demo and bench glue on the micro model
 
 
-def test_demo_and_bench_run_every_row_through_the_stages(tmp_path, monkeypatch):
+def test_demo_and_bench_run_every_row_through_the_stages(tmp_path):
     from bench.decoders import ForwardTimer, run_bench
     from decode.demo import demo
     from tests.test_decode_stage import make_micro_adapter
 
-    for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
-        monkeypatch.delenv(var, raising=False)
     micro = make_micro_adapter()
     rows = (("tiny", "ar"), ("tiny", "sjd"))
     scores, grid = demo(3, 0, tmp_path / "demo", rows=rows, adapters={"tiny": micro}, overrides=["progress=false"])
@@ -248,11 +245,15 @@ def test_demo_and_bench_run_every_row_through_the_stages(tmp_path, monkeypatch):
     assert all(s["n_images"] == 3 for s in scores)
 
     _, path = run_bench(3, 0, rows=rows, adapters={"tiny": micro}, out_dir=tmp_path / "bench")
-    saved = json.loads(path.read_text())["rows"]
-    assert [r["decoder"] for r in saved] == ["ar", "sjd"] and saved[0]["latency_ratio_vs_ar"] == 1.0
+    payload = json.loads(path.read_text())
+    saved, table = payload["rows"], payload["table"]
+    assert [r["decoder"] for r in saved] == ["ar", "sjd"]
+    speedup = [row[table["header"].index("latency_speedup")] for row in table["rows"]]
+    lat = [statistics.fmean(x["latency_s"] for x in r["records"]) for r in saved]
+    assert speedup == pytest.approx([1.0, lat[0] / lat[1]])
     for r in saved:
-        assert 0.0 < r["outside_forward_share"] < 1.0
-        assert r["step_compression"] == pytest.approx(statistics.fmean(x["n_tokens"] / x["n_forwards"]
-                                                                       for x in r["records"]))
+        assert 0.0 < r["metrics"]["outside_forward_share"] < 1.0
+        assert r["metrics"]["step_compression"] == pytest.approx(statistics.fmean(x["n_tokens"] / x["n_forwards"]
+                                                                                  for x in r["records"]))
     timer = ForwardTimer(micro)
     assert timer.layout is micro.layout and timer.vocab_size == micro.vocab_size
