@@ -12,7 +12,7 @@ export WANDB_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-full lint bench tiny-model tiny-sjd2 finetune clean
+.PHONY: help install demo test test-full lint bench tiny-model tiny-sjd2 finetune sweep geneval-prompts clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -42,8 +42,24 @@ lint: install ## ruff over the code
 bench: install ## AR vs SJD vs SJD2 side by side on tiny: step compression, latency ratio, loop overhead
 	$(PY) -m bench.decoders
 
-tiny-model: install ## train the shapes tokenizer and the tiny model (about 45 min on 2 CPU cores)
-	$(PY) -m train.tiny_recipe
+tiny-model: install ## rebuild models/weights/tiny: shapes VQ + two training phases (about 60 min on 2 CPU cores)
+	$(PY) -m train.tiny_recipe --steps 1100 --eval-prompts 0
+	$(PY) -m train.tiny_recipe --init-from models/weights/tiny --seed 1 --steps 1000 --lr 1e-3 --warmup-steps 30
+
+tiny-sjd2: install ## rebuild models/weights/tiny_sjd2: SJD2 fine-tuning of tiny (one process, CPU)
+	$(PY) -m train model=tiny train=sjd2_tiny resume=false run_dir=runs/train/tiny-sjd2_tiny-$$(date +%s)
+
+finetune: install ## SJD2 fine-tuning with DeepSpeed ZeRO-3: make finetune MODEL=tiny|lumina_mgpt_768|emu3_720 NPROC=2|8 ARGS="..."
+	launch/finetune.sh $(MODEL) $(NPROC) $(ARGS)
+
+sweep: install ## SJD2 window x steps sweep on tiny_sjd2 (Hydra multirun), then its table and plot
+	$(PY) -m decode -m model=tiny_sjd2 decoder=sjd2 decoder.window=16,32,64 decoder.denoise_steps=5,10,25 \
+		prompts.limit=24 seed=0
+	$(PY) -m eval 'run_dirs=[runs/tiny_sjd2/shapes/sjd2_*_s0]' table_dir=runs/sweep name=sjd2_sweep
+
+geneval-prompts: ## fetch GenEval's 553 prompts (MIT) into data/geneval/ (needs network; not committed)
+	mkdir -p data/geneval && curl -fsSL -o data/geneval/evaluation_metadata.jsonl \
+		https://raw.githubusercontent.com/djghosh13/geneval/main/prompts/evaluation_metadata.jsonl
 
 clean: ## remove run outputs (keeps .venv and committed weights)
 	rm -rf outputs multirun runs

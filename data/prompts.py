@@ -114,8 +114,8 @@ def load_shapes(cfg: Mapping[str, Any]) -> list[Prompt]:
 
 def load_geneval(cfg: Mapping[str, Any]) -> list[Prompt]:
     """GenEval's 553 prompts; the whole metadata line is kept for ``<dir>/geneval/<00000>/metadata.jsonl``."""
-    fix = ("point prompts.path at GenEval's prompts/evaluation_metadata.jsonl "
-           "(https://github.com/djghosh13/geneval); a copy ships in data/geneval/")
+    fix = ("fetch GenEval's prompts/evaluation_metadata.jsonl with `make geneval-prompts` "
+           "(from https://github.com/djghosh13/geneval, MIT) or point prompts.path at your copy")
     path = _require_file(cfg.get("path") or GENEVAL_PATH, "prompts=geneval", fix)
     rows = _read_jsonl(path, fix)
     out = []

@@ -281,8 +281,12 @@ def test_prompt_file_formats(tmp_path):
         load_prompts(compose_config(["prompts=coco2017_5k"]).prompts)
 
 
+# The benchmark's own prompt file, laid beside the repository (the project does not commit a copy).
+GENEVAL_FILE = REPO.parent / "shared" / "data" / "geneval" / "evaluation_metadata.jsonl"
+
+
 def test_geneval_prompts_match_the_benchmark():
-    prompts = load_prompts(compose_config(["prompts=geneval"]).prompts)
+    prompts = load_prompts(compose_config(["prompts=geneval", f"prompts.path={GENEVAL_FILE}"]).prompts)
     counts = {}
     for p in prompts:
         counts[p.category] = counts.get(p.category, 0) + 1
@@ -331,9 +335,9 @@ def test_geneval_folder_contract(tmp_path, adapter):
         return generate(adapter, "a circle", decoder_cfg, sampling, generator)
 
     out = tmp_path / "run"
-    decode_run(decode_cfg(out, "prompts=geneval", "prompts.limit=2", "prompts.images_per_prompt=2"),
-               adapter=adapter, generate_fn=shapes_text)
-    lines = (REPO / "data/geneval/evaluation_metadata.jsonl").read_text().splitlines()
+    decode_run(decode_cfg(out, "prompts=geneval", f"prompts.path={GENEVAL_FILE}", "prompts.limit=2",
+                          "prompts.images_per_prompt=2"), adapter=adapter, generate_fn=shapes_text)
+    lines = GENEVAL_FILE.read_text().splitlines()
     for i in range(2):
         folder = out / "geneval" / f"{i:05d}"
         assert json.loads((folder / "metadata.jsonl").read_text()) == json.loads(lines[i])

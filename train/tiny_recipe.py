@@ -53,6 +53,7 @@ class RecipeConfig:
     eval_prompts: int = 120
     eval_cfg_scale: float = 3.0
     eval_top_k: int = 0
+    init_from: str = ""  # a tiny checkpoint dir to continue from (its VQ is kept); "" = fresh start
 
 
 def make_examples(n: int, seed: int):
@@ -110,7 +111,7 @@ def train(adapter, ids: torch.Tensor, p_max: int, cfg: RecipeConfig, out: Path) 
         lr=cfg.lr, betas=(0.9, 0.95),
     )
     losses = []
-    with open(out / "loss.csv", "w") as f:
+    with open(out / ("loss_continued.csv" if cfg.init_from else "loss.csv"), "w") as f:
         f.write("step,loss,lr\n")
         for step in (bar := tqdm(range(cfg.steps), desc="train tiny", dynamic_ncols=True)):
             rows = torch.randint(0, len(ids), (cfg.batch_size,), generator=gen)
@@ -189,18 +190,27 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     t0 = time.time()
-    _, vq_imgs = make_examples(cfg.vq_fit_images, cfg.seed + 7)
-    vq = fit(vq_imgs, **({"n_codes": cfg.n_codes} if cfg.n_codes else {}), seed=cfg.seed)
+    previous = None
+    if cfg.init_from:
+        init_dir = REPO_ROOT / cfg.init_from if not Path(cfg.init_from).is_absolute() else Path(cfg.init_from)
+        adapter = load(init_dir)
+        adapter.model.float()
+        vq = adapter.vq
+        if (init_dir / "recipe.json").is_file():
+            previous = json.loads((init_dir / "recipe.json").read_text())
+        print(f"[tiny] continuing from {init_dir} ({vq.n_codes} codes)")
+    else:
+        _, vq_imgs = make_examples(cfg.vq_fit_images, cfg.seed + 7)
+        vq = fit(vq_imgs, **({"n_codes": cfg.n_codes} if cfg.n_codes else {}), seed=cfg.seed)
+        print(f"[tiny] shapes VQ: {vq.n_codes} codes, fitted in {time.time() - t0:.0f}s")
+        config = TinyConfig(
+            words=tuple(shapes.VOCAB), n_codes=vq.n_codes, hidden_size=cfg.hidden_size,
+            num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+            intermediate_size=cfg.intermediate_size,
+        )
+        adapter = build(config, seed=cfg.seed, vq=vq)
     vq.save(out / "vq.safetensors")
     t_vq = time.time() - t0
-    print(f"[tiny] shapes VQ: {vq.n_codes} codes, fitted in {t_vq:.0f}s")
-
-    config = TinyConfig(
-        words=tuple(shapes.VOCAB), n_codes=vq.n_codes, hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        intermediate_size=cfg.intermediate_size,
-    )
-    adapter = build(config, seed=cfg.seed, vq=vq)
     n_params = sum(p.numel() for p in adapter.model.parameters())
     t1 = time.time()
     captions, images = make_examples(cfg.train_examples, cfg.seed)
@@ -213,9 +223,10 @@ def main(argv: list[str] | None = None) -> None:
     t_train = time.time() - t2
     save(adapter, out)
     t3 = time.time()
-    scores = evaluate(adapter, cfg.eval_prompts, cfg.eval_cfg_scale, cfg.eval_top_k, cfg.seed)
+    scores = evaluate(adapter, cfg.eval_prompts, cfg.eval_cfg_scale, cfg.eval_top_k, cfg.seed) if cfg.eval_prompts else {}
     recipe = {
-        "recipe": asdict(cfg), "n_params": n_params, "n_codes": vq.n_codes, "train_time_s": round(t_train, 1),
+        "recipe": asdict(cfg), "previous_phase": previous, "n_params": n_params, "n_codes": vq.n_codes,
+        "train_time_s": round(t_train, 1),
         "vq_time_s": round(t_vq, 1), "eval_time_s": round(time.time() - t3, 1), "final_loss": float(np.mean(losses[-50:])),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "shapes_scores_ar_cfg": scores,
     }
