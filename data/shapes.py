@@ -353,7 +353,7 @@ def parse_caption(text: str) -> Spec:
 # Checking pixels
 
 COLOR_THRESHOLD = 90.0  # max RGB distance to the nearest palette colour; farther pixels count as background
-MIN_AREA_PX = 24  # components smaller than this are specks
+MIN_AREA_PX = 64  # components smaller than this are specks (objects are 16 px: >= 128 px; a 4x4 code is 16 px)
 MIN_SHAPE_IOU = 0.6  # a component matching no template this well is an unknown shape
 RELATION_MARGIN_PX = 6.0  # centres must differ by this much along the relation's axis
 
