@@ -174,7 +174,7 @@ def test_export_loads_as_a_tiny_model_and_carries_the_noise_recipe(tmp_path):
     assert NoiseConfig(**recipe["noise"]) == NOISE
     assert json.loads((res.export_dir / "sjd2.json").read_text())["noise"] == recipe["noise"]
     mean, _ = EmbeddingNorm.from_adapter(micro()).mean, None
-    assert recipe["embedding_norm"]["mean"] == pytest.approx(mean.tolist())  # the starting weights' stats
+    assert recipe["norm"]["mean"] == pytest.approx(mean.tolist())  # the starting weights' stats
 
 
 def test_bf16_autocast_and_gradient_checkpointing_train(tmp_path):

@@ -694,8 +694,8 @@ def export_weights(adapter: Any, state: dict[str, dict[str, torch.Tensor]], out_
     timestep signal, ``timestep_mlp.safetensors``.
 
     The recipe (``sjd2.json``; tiny also in ``config.extra["sjd2"]``) holds the noise options the model was
-    trained with (the decoder checks them) and ``embedding_norm``: the frozen mean/std the training inputs
-    were normalised with (those of the starting weights).
+    trained with (the decoder checks them) and ``norm``: the frozen mean/std the training inputs
+    were normalised with (those of the starting weights; ``decode.sjd2.embedding_norm`` reads them).
     """
     from safetensors.torch import save_file
 
@@ -704,7 +704,7 @@ def export_weights(adapter: Any, state: dict[str, dict[str, torch.Tensor]], out_
     recipe = {"noise": asdict(cfg.noise), "layout": asdict(cfg.layout), "objective": asdict(cfg.objective),
               "optim": {**asdict(cfg.optim), "betas": list(cfg.optim.betas)}, "name": cfg.name}
     if norm is not None:
-        recipe["embedding_norm"] = {"mean": norm.mean.cpu().tolist(), "std": norm.std.cpu().tolist()}
+        recipe["norm"] = {"mean": norm.mean.cpu().tolist(), "std": norm.std.cpu().tolist()}
     lm_state = state["lm"]
     if getattr(adapter, "config", None) is not None and type(adapter).__name__ == "TinyAdapter":
         _export_tiny(adapter, lm_state, out, recipe)
