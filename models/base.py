@@ -14,7 +14,9 @@ Conventions
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -241,3 +243,25 @@ def left_pad(rows: list[list[int]], pad_id: int) -> Prefill:
             ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
             mask[i, width - len(r) :] = 1
     return Prefill(ids, mask)
+
+
+def attach_sjd2_extras(adapter: Any, ckpt: Path) -> Any:
+    """What the SJD2 trainer exports beside the weights (``train.loop.export_weights``): ``sjd2.json``
+    -> ``adapter.sjd2_recipe`` (the noise the model was trained with), ``timestep_mlp.safetensors`` ->
+    ``adapter.timestep_mlp`` (a :class:`models.noisy.TimestepMLP`). Absent files leave ``None``."""
+    adapter.sjd2_recipe, adapter.timestep_mlp = None, None
+    ckpt = Path(ckpt)
+    if (ckpt / "sjd2.json").is_file():
+        adapter.sjd2_recipe = json.loads((ckpt / "sjd2.json").read_text())
+    mlp_file = ckpt / "timestep_mlp.safetensors"
+    if mlp_file.is_file():
+        from safetensors.torch import load_file
+
+        from models.noisy import TimestepMLP
+
+        state = load_file(str(mlp_file))
+        width, freq_dim = state["net.0.weight"].shape
+        mlp = TimestepMLP(int(state["net.2.weight"].shape[0]), freq_dim=int(freq_dim), width=int(width))
+        mlp.load_state_dict(state)
+        adapter.timestep_mlp = mlp.to(adapter.device).eval()
+    return adapter

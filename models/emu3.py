@@ -35,10 +35,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.base import HFAdapter, ImageLayout, Prefill, left_pad
+from models.base import HFAdapter, ImageLayout, Prefill, attach_sjd2_extras, left_pad
 from models.lumina_mgpt import (
     CodeMap,
-    attach_sjd2_extras,
     byte_level_tokenizer,
     config_from_mapping,
     load_tokenizer,

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from models.base import HFAdapter, ImageLayout, Prefill
+from models.base import HFAdapter, ImageLayout, Prefill, attach_sjd2_extras
 from models.chameleon_vqgan import ChameleonVQGAN, VQGANConfig, load_vqgan, pil_to_pixels, pixels_to_pil
 
 # ---------------------------------------------------------------------------------------------------
@@ -183,27 +183,6 @@ def load_tokenizer(ckpt: Path, hint: str, config: Any = None):
         return AutoTokenizer.from_pretrained(str(ckpt), local_files_only=True, **kwargs)
     except Exception as err:
         raise FileNotFoundError(f"no loadable tokenizer in {ckpt} ({type(err).__name__}: {err}); {hint}") from err
-
-
-def attach_sjd2_extras(adapter: Any, ckpt: Path) -> Any:
-    """What the SJD2 trainer exports beside the weights (``train.loop.export_weights``): ``sjd2.json``
-    -> ``adapter.sjd2_recipe`` (the noise the model was trained with), ``timestep_mlp.safetensors`` ->
-    ``adapter.timestep_mlp`` (a :class:`models.noisy.TimestepMLP`). Absent files leave ``None``."""
-    adapter.sjd2_recipe, adapter.timestep_mlp = None, None
-    if (ckpt / "sjd2.json").is_file():
-        adapter.sjd2_recipe = json.loads((ckpt / "sjd2.json").read_text())
-    mlp_file = ckpt / "timestep_mlp.safetensors"
-    if mlp_file.is_file():
-        from safetensors.torch import load_file
-
-        from models.noisy import TimestepMLP
-
-        state = load_file(str(mlp_file))
-        width, freq_dim = state["net.0.weight"].shape
-        mlp = TimestepMLP(int(state["net.2.weight"].shape[0]), freq_dim=int(freq_dim), width=int(width))
-        mlp.load_state_dict(state)
-        adapter.timestep_mlp = mlp.to(adapter.device).eval()
-    return adapter
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from models.base import HFAdapter, ImageLayout, Prefill, left_pad
+from models.base import HFAdapter, ImageLayout, Prefill, attach_sjd2_extras, left_pad
 
 # Vocabulary map (fixed; the word list and the codebook size come from the checkpoint's config).
 PAD, BOS, EOS, IMG_START, IMG_END, EOL = 0, 1, 2, 3, 4, 5
@@ -195,7 +195,7 @@ def load(path: str | Path, device: str = "cpu", dtype: str = "float32", image_si
     model = LlamaForCausalLM(config.llama_config())
     model.load_state_dict(load_file(str(path / "model.safetensors")))
     model.to(device=device, dtype=getattr(torch, dtype))
-    return TinyAdapter(model, config, vq=vq, image_size=image_size, name=name)
+    return attach_sjd2_extras(TinyAdapter(model, config, vq=vq, image_size=image_size, name=name), path)
 
 
 def load_from_config(cfg: Mapping[str, Any]) -> TinyAdapter:
