@@ -171,8 +171,9 @@ def save(adapter: TinyAdapter, path: str | Path) -> None:
     cfg = asdict(adapter.config)
     cfg["words"] = list(cfg["words"])
     (path / "config.json").write_text(json.dumps(cfg, indent=1))
-    state = {k: v.detach().contiguous() for k, v in adapter.model.state_dict().items()}
-    save_file(state, str(path / "model.safetensors"))
+    # float16 on disk keeps tiny + tiny_sjd2 under 20 MB in the repository; load() casts to model.dtype.
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in adapter.model.state_dict().items()}
+    save_file(state, str(path / "model.safetensors"), metadata={"stored_dtype": "float16"})
 
 
 def load(path: str | Path, device: str = "cpu", dtype: str = "float32", image_size: int = 64,
@@ -193,7 +194,7 @@ def load(path: str | Path, device: str = "cpu", dtype: str = "float32", image_si
         raise FileNotFoundError(f"shapes tokenizer {vq_file} does not exist; {MAKE_HINT}")
     vq = PatchVQ.load(vq_file)
     model = LlamaForCausalLM(config.llama_config())
-    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    model.load_state_dict({k: v.float() for k, v in load_file(str(path / "model.safetensors")).items()})
     model.to(device=device, dtype=getattr(torch, dtype))
     return attach_sjd2_extras(TinyAdapter(model, config, vq=vq, image_size=image_size, name=name), path)
 
