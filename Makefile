@@ -12,7 +12,7 @@ export WANDB_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-full lint bench tiny-model tiny-sjd2 finetune sweep geneval-prompts clean
+.PHONY: help install demo test test-slow test-full lint bench tiny-model tiny-sjd2 finetune sweep geneval-prompts clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -33,7 +33,10 @@ demo: install ## decode shapes prompts with every decoder on tiny, print the com
 test: install ## the fast test suite (under 15 minutes on 2 CPU cores)
 	$(PY) -m pytest -x -p no:cacheprovider
 
-test-full: install ## every test, slow ones included (multi-process DeepSpeed, long decodes)
+test-slow: install ## only the slow tests (2-process DeepSpeed ZeRO-3, the 8193-step Emu3 decode); CI runs them too
+	$(PY) -m pytest -p no:cacheprovider -m slow
+
+test-full: install ## every test, slow ones included
 	$(PY) -m pytest -p no:cacheprovider -m "slow or not slow"
 
 lint: install ## ruff over the code

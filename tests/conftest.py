@@ -35,6 +35,22 @@ def tiny_random() -> TinyAdapter:
 
 
 @pytest.fixture(scope="session")
+def tiny_trained() -> TinyAdapter:
+    """The committed, trained ``tiny`` model (models/weights/tiny)."""
+    from models.tiny import DEFAULT_PATH, load
+
+    return load(DEFAULT_PATH)
+
+
+@pytest.fixture(scope="session")
+def tiny_sjd2_trained() -> TinyAdapter:
+    """The committed SJD2 fine-tuned ``tiny_sjd2`` model (models/weights/tiny_sjd2)."""
+    from models.tiny import load
+
+    return load("models/weights/tiny_sjd2", name="tiny_sjd2")
+
+
+@pytest.fixture(scope="session")
 def toy_model() -> TinyAdapter:
     """Enumerable toy: 2x2 codes of 3 kinds (81 image sequences of 11 tokens), 1 layer, peaked distributions."""
     return reinit(build(micro_config(n_codes=3, hidden_size=32, num_hidden_layers=1), seed=0, image_size=8))

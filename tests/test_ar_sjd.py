@@ -27,8 +27,8 @@ SJD_OPTIONS = [
     {"init": "random", "jacobi_region": "all", "window": 5},
     {"init": "spatial", "jacobi_region": "all", "window": 7},
 ]
-# Models the greedy proof runs on; the lead adds the trained tiny model's fixture name here.
-GREEDY_MODELS = ["tiny_random"]
+# Models the greedy proof runs on: a random micro model and the committed trained tiny model.
+GREEDY_MODELS = ["tiny_random", "tiny_trained"]
 
 
 def gen(seed: int) -> torch.Generator:
