@@ -317,3 +317,27 @@ def test_recipe_norm_replaces_the_current_embedding_stats(adapter):
     shifted = with_recipe(adapter, {"norm": {"mean": (mean + 3.0).tolist(), "std": (std * 4.0).tolist()}})
     other = sjd2_decode(shifted, prefill, SAMPLED, gen(3), window=6, denoise_steps=3)
     assert other.tokens.tolist() != plain.tokens.tolist()
+
+
+# ---------------------------------------------------------------- the committed fine-tuned model
+
+
+def test_clean_only_greedy_equals_greedy_ar_on_the_fine_tuned_tiny(tiny_sjd2_trained):
+    """On the real fine-tuned model (its recipe checked, its frozen norm used): exact, and saves forwards."""
+    greedy = SamplingConfig(top_k=1)
+    for text in ("a red circle left of a blue square", "three triangles"):
+        prefill = tiny_sjd2_trained.prompt(text)
+        ar = ar_decode(tiny_sjd2_trained, prefill, greedy, torch.Generator().manual_seed(0))
+        sjd2 = sjd2_decode(tiny_sjd2_trained, prefill, greedy, torch.Generator().manual_seed(1), window=32,
+                           denoise_steps=25, accept_only_clean_inputs=True)
+        assert sjd2.tokens.tolist() == ar.tokens.tolist()
+        assert sjd2.n_forwards < ar.n_forwards
+
+
+def test_default_sjd2_on_the_fine_tuned_tiny_respects_the_layout(tiny_sjd2_trained):
+    layout = tiny_sjd2_trained.layout
+    for seed in range(2):
+        res = sjd2_decode(tiny_sjd2_trained, tiny_sjd2_trained.prompt("two blue circles"), SamplingConfig(),
+                          torch.Generator().manual_seed(seed), window=32, denoise_steps=10)
+        assert layout.violations(res.tokens) == []
+        assert sum(res.accepted_per_forward) == layout.n_tokens and min(res.accepted_per_forward) >= 1
