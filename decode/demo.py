@@ -18,7 +18,7 @@ from typing import Any
 
 from decode.run import CONF_DIR, compose_config, decode_run
 
-TABLE1_ROWS: tuple[tuple[str, str], ...] = (("tiny", "ar"), ("tiny", "sjd"), ("tiny_sjd2", "ar"), ("tiny_sjd2", "sjd2"))
+TABLE1_ROWS: tuple[tuple[str, str], ...] = (("tiny", "ar"), ("tiny", "sjd"), ("tiny_sjd2", "ar"), ("tiny_sjd2", "sjd2_tiny"))
 OPTIONAL_MODELS = ("tiny_sjd2",)  # rows of these models are dropped (with a note) when they do not load
 DEMO_COLUMNS = ("model", "decoder", "window", "n_images", "step_compression", "n_forwards_mean", "latency_mean_s",
                 "latency_speedup", "shapes_overall")
