@@ -7,7 +7,9 @@ PIP := $(VENV)/bin/pip
 TORCH ?= torch==2.13.0
 DEEPSPEED ?= deepspeed==0.19.8
 MODEL ?= tiny
-NPROC ?= 2
+# short names of the real models -> their conf/model/*.yaml (paper settings)
+MODEL_CONF = $(patsubst emu3,emu3_720,$(patsubst lumina_mgpt,lumina_mgpt_768,$(MODEL)))
+NPROC ?= $(if $(findstring tiny,$(MODEL)),2,8)
 export WANDB_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
 
@@ -52,8 +54,8 @@ tiny-model: install ## rebuild models/weights/tiny: shapes VQ + two training pha
 tiny-sjd2: install ## rebuild models/weights/tiny_sjd2: SJD2 fine-tuning of tiny (one process, CPU)
 	$(PY) -m train model=tiny train=sjd2_tiny resume=false run_dir=runs/train/tiny-sjd2_tiny-$$(date +%s)
 
-finetune: install ## SJD2 fine-tuning with DeepSpeed ZeRO-3: make finetune MODEL=tiny|lumina_mgpt_768|emu3_720 NPROC=2|8 ARGS="..."
-	launch/finetune.sh $(MODEL) $(NPROC) $(ARGS)
+finetune: install ## SJD2 fine-tuning, DeepSpeed ZeRO-3: make finetune MODEL=tiny|lumina_mgpt|emu3 [NPROC=..] [ARGS="..."]
+	launch/finetune.sh $(MODEL_CONF) $(NPROC) $(ARGS)
 
 sweep: install ## SJD2 window x steps sweep on tiny_sjd2 (Hydra multirun), then its table and plot
 	$(PY) -m decode -m model=tiny_sjd2 decoder=sjd2 decoder.window=16,32,64 decoder.denoise_steps=5,10,25 \
