@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from models.base import HFAdapter, ImageLayout, Prefill, attach_sjd2_extras, left_pad
-from models.lumina_mgpt import (
+from models.hf_common import (
     CodeMap,
     byte_level_tokenizer,
     config_from_mapping,

@@ -115,7 +115,7 @@ class PatchVQ:
         return path
 
     @classmethod
-    def load(cls, path: str | Path = DEFAULT_PATH) -> "PatchVQ":
+    def load(cls, path: str | Path = DEFAULT_PATH) -> PatchVQ:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no shapes VQ at {path}; {MAKE_HINT}")

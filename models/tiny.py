@@ -7,9 +7,10 @@ shapes grammar; the unconditional CFG context is the empty prompt (``<bos>`` alo
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
