@@ -47,9 +47,12 @@ lint: install ## ruff over the code
 bench: install ## AR vs SJD vs SJD2 side by side on tiny: step compression, latency ratio, loop overhead
 	$(PY) -m bench.decoders
 
-tiny-model: install ## rebuild models/weights/tiny: shapes VQ + two training phases (about 60 min on 2 CPU cores)
+tiny-model: install ## rebuild models/weights/tiny: shapes VQ + three training phases (about 70 min on 2 CPU cores)
 	$(PY) -m train.tiny_recipe --steps 1100 --eval-prompts 0
-	$(PY) -m train.tiny_recipe --init-from models/weights/tiny --seed 1 --steps 1000 --lr 1e-3 --warmup-steps 30
+	$(PY) -m train.tiny_recipe --init-from models/weights/tiny --seed 1 --steps 1000 --lr 1e-3 --warmup-steps 30 \
+		--eval-prompts 0
+	$(PY) -m train.tiny_recipe --init-from models/weights/tiny --seed 2 --steps 400 --lr 5e-4 --warmup-steps 20 \
+		--colour-share 0.5 --train-examples 20000 --threads 2
 
 tiny-sjd2: install ## rebuild models/weights/tiny_sjd2: SJD2 fine-tuning of tiny (one process, CPU)
 	$(PY) -m train model=tiny train=sjd2_tiny resume=false run_dir=runs/train/tiny-sjd2_tiny-$$(date +%s)
