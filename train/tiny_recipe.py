@@ -45,7 +45,7 @@ class RecipeConfig:
     grad_clip: float = 1.0
     prompt_dropout: float = 0.1
     bf16: bool = True
-    threads: int = 1  # 1: avoids OpenMP barrier stalls when the 2 cores are shared
+    threads: int = 0  # 0: torch default; 1 avoids OpenMP barrier stalls when the cores are shared
     hidden_size: int = 256
     num_hidden_layers: int = 4
     num_attention_heads: int = 8
