@@ -30,7 +30,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed ## create .venv: torch first, then the project with train+test extras
 
 demo: install ## decode shapes prompts with every decoder on tiny, print the comparison table
-	$(PY) -m decode.demo
+	$(PY) -m bench.demo
 
 test: install ## the fast test suite (under 15 minutes on 2 CPU cores)
 	$(PY) -m pytest -x -p no:cacheprovider

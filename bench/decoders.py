@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
-from decode.demo import TABLE1_ROWS, load_models
-from decode.run import compose_config, environment, image_seed, sync_device, timed_generate
+from bench.demo import TABLE1_ROWS, load_models
+from core.rundir import environment, image_seed, sync_device
+from decode.run import compose_config, timed_generate
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

@@ -1,18 +1,8 @@
 """The decode stage: prompts -> images + one record per image, in a self-describing run directory.
 
-Run directory contract (STYLE.md example 7; ``eval`` reads only these files)::
-
-    config.yaml              the resolved config of the run
-    env.json                 git hash, versions, device, hostname (sharded runs: env-{rank}.json)
-    images/{idx:06d}.png     one per prompt ({idx:06d}_{sample:02d}.png when images_per_prompt > 1)
-    samples.jsonl            one JSON object per finished image (sharded runs: samples-{rank}.jsonl)
-    geneval/{idx:05d}/       with prompts.geneval_folder: metadata.jsonl + samples/{sample:04d}.png
-
-Crash safety: an image is *finished* once its record line is in a ``samples*.jsonl``. The PNG is
-written first (tmp file + ``os.replace``), then the line (one write, flush, fsync). On restart a torn
-last line is cut off and every image without a record is decoded again, so a killed run loses at most
-the image in flight. The seed of an image depends only on (seed, idx, sample): never on the order,
-the sharding or the decoder, so AR and SJD runs of one seed see the same per-image generators.
+The files of a run dir, their crash safety and the image seeds are the contract of :mod:`core.rundir`
+(``eval`` reads only those files); this module decides what to decode, checks that a run dir may be
+resumed, times each image and writes its record.
 
 Sharding: rank ``r`` of ``count`` decodes the prompts with ``idx % count == r`` and appends to its own
 ``samples-{r}.jsonl`` (no locks); ``eval`` merges every ``samples*.jsonl`` of the directory.
@@ -22,9 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
-import socket
-import subprocess
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -34,11 +21,22 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from core.rundir import (
+    CONF_DIR,
+    CONFIG_FILE,
+    append_record,
+    atomic_write_bytes,
+    environment,
+    finished,
+    image_name,
+    image_seed,
+    read_records,
+    samples_name,
+    save_image,
+    sync_device,
+)
 from data.prompts import Prompt, load_prompts
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = REPO_ROOT / "conf"
-CONFIG_FILE = "config.yaml"
 # Parts of the config that must match before a run dir may be resumed (prompts.limit and
 # prompts.geneval_folder may change: they select or lay out, never alter, an image).
 IDENTITY_KEYS = ("model", "decoder", "sampling", "seed", "prompts")
@@ -53,13 +51,7 @@ class RunDirConflict(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Seeds, shards, names
-
-
-def image_seed(seed: int, idx: int, sample: int = 0) -> int:
-    """Seed of one image from (run seed, prompt index, sample number): a hash, independent of order."""
-    digest = hashlib.sha256(f"sjd2-image/{int(seed)}/{int(idx)}/{int(sample)}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+# Shards, folder names, config composition
 
 
 def resolve_shard(index: int | None, count: int | None, env: Mapping[str, str] | None = None) -> tuple[int, int]:
@@ -83,16 +75,6 @@ def select_local_gpu(env: Mapping[str, str] | None = None) -> int | None:
     index = int(local) % torch.cuda.device_count()
     torch.cuda.set_device(index)
     return index
-
-
-def samples_name(index: int, count: int) -> str:
-    """``samples.jsonl`` for a single process, ``samples-{rank}.jsonl`` for a shard."""
-    return "samples.jsonl" if count == 1 else f"samples-{index}.jsonl"
-
-
-def image_name(idx: int, sample: int, images_per_prompt: int) -> str:
-    """Path of an image relative to the run dir."""
-    return f"images/{idx:06d}.png" if images_per_prompt == 1 else f"images/{idx:06d}_{sample:02d}.png"
 
 
 def _short(x: Any) -> str:
@@ -131,85 +113,6 @@ def compose_config(overrides: Iterable[str] = (), config_name: str = "decode") -
 
 
 # ---------------------------------------------------------------------------------------------------
-# Files: atomic writes, durable appends, torn-line repair
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``path`` so that readers see the old file or the whole new one, never half of it."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_image(image: Any, path: Path) -> None:
-    """Save a PIL image as PNG atomically."""
-    import io
-
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def append_record(path: Path, record: Mapping[str, Any]) -> None:
-    """Append one JSON line durably (a single write, then flush + fsync)."""
-    line = json.dumps(record, separators=(",", ":")) + "\n"
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def read_records(path: Path, repair: bool = False) -> list[dict]:
-    """Records of one ``samples*.jsonl``; a torn last line (killed mid-write) is skipped.
-
-    With ``repair`` the torn tail is also cut from the file, so the next append starts a clean line.
-    A malformed line anywhere else is corruption, not a crash: that raises.
-    """
-    if not path.exists():
-        return []
-    raw = path.read_bytes()
-    lines = raw.split(b"\n")
-    records, good_end, offset = [], 0, 0
-    for i, line in enumerate(lines):
-        end = offset + len(line) + 1
-        is_last = i >= len(lines) - 2  # the final line, or the text after the final newline
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                if not is_last:
-                    raise ValueError(
-                        f"{path}: line {i + 1} is not valid JSON and is not the last line; the file is "
-                        "corrupt: remove that line (its image will be decoded again)"
-                    ) from None
-                break
-        if i < len(lines) - 1:  # a complete (newline-terminated) line
-            good_end = end
-        elif line.strip():  # parsed but lacks its newline: an append cut short, treat it as torn
-            records.pop()
-        offset = end
-    if repair and good_end < len(raw):
-        with open(path, "r+b") as f:
-            f.truncate(good_end)
-            f.flush()
-            os.fsync(f.fileno())
-    return records
-
-
-def sample_files(run_dir: Path) -> list[Path]:
-    """Every records file of a run dir (one per shard)."""
-    return sorted(Path(run_dir).glob("samples*.jsonl"))
-
-
-def finished(run_dir: Path) -> set[tuple[int, int]]:
-    """(idx, sample) of every image with a record in any shard's file."""
-    return {(int(r["idx"]), int(r.get("sample", 0))) for f in sample_files(run_dir) for r in read_records(f)}
-
-
-# ---------------------------------------------------------------------------------------------------
 # Run directory: config identity and environment
 
 
@@ -243,37 +146,6 @@ def check_same_config(run_dir: Path, conf: Mapping[str, Any]) -> None:
         )
 
 
-def git_hash() -> str | None:
-    """HEAD commit of the repository (``+dirty`` with uncommitted changes); None outside git."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, check=False,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return head + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def environment(device: torch.device | str | None) -> dict[str, Any]:
-    """What produced the numbers: code version, library versions, device, host."""
-    import transformers
-
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    return {
-        "git": git_hash(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
-        "cuda": torch.version.cuda,
-        "hostname": socket.gethostname(),
-        "torch_threads": torch.get_num_threads(),
-        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-
-
 def prepare_run_dir(run_dir: Path, conf: Mapping[str, Any], force: bool) -> None:
     """Create the run dir, refuse a mixed one (unless ``force``), write the resolved config."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -285,12 +157,6 @@ def prepare_run_dir(run_dir: Path, conf: Mapping[str, Any], force: bool) -> None
 
 # ---------------------------------------------------------------------------------------------------
 # One image
-
-
-def sync_device(device: torch.device) -> None:
-    """Wait for the device's queued work, so that a host timer measures it (no-op on CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _json_safe(value: Any) -> Any:
@@ -470,7 +336,18 @@ def _decode_images(conf: Mapping[str, Any], todo: list[tuple[Prompt, int]], run_
     return len(todo)
 
 
-if __name__ == "__main__":  # `python -m decode.run ...` == `python -m decode ...` (DESIGN.md section 1)
-    from decode.__main__ import main
+def _run_and_report(cfg: DictConfig) -> None:
+    summary = decode_run(cfg)
+    print(f"{summary.out_dir}: {summary.n_decoded} decoded, {summary.n_skipped} already there, "
+          f"{summary.n_images} in shard {summary.shard[0]}/{summary.shard[1]}")
 
+
+def main() -> None:
+    """The Hydra command line of the stage (``python -m decode`` and ``python -m decode.run``)."""
+    import hydra
+
+    hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="decode")(_run_and_report)()
+
+
+if __name__ == "__main__":  # `python -m decode.run ...` == `python -m decode ...` (DESIGN.md section 1)
     main()

@@ -1,6 +1,6 @@
 """The eval stage: run dirs -> ``scores.json`` each, plus one side-by-side table (Markdown, CSV, LaTeX).
 
-Reads only the run-dir contract of :mod:`decode.run` (config.yaml, samples*.jsonl, images/), so every
+Reads only the run-dir contract of :mod:`core.rundir` (config.yaml, samples*.jsonl, images/), so every
 number can be recomputed from files. Metrics are looked up in :data:`METRICS` by the names listed in
 ``conf/eval/*.yaml``; a metric is a function ``fn(run: RunData, options: Mapping) -> dict[str, value]``
 that lives in its own module and is imported on first use, so scorers that need big models (FID, CLIP,
@@ -21,7 +21,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from decode.run import CONFIG_FILE, atomic_write_bytes, read_records, sample_files
+from core.rundir import CONF_DIR, CONFIG_FILE, atomic_write_bytes, read_records, sample_files
 
 SCORES_FILE = "scores.json"
 
@@ -196,7 +196,16 @@ def evaluate(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
     return all_scores
 
 
-if __name__ == "__main__":  # `python -m eval.run ...` == `python -m eval ...`
-    from eval.__main__ import main
+def _evaluate_config(cfg: Any) -> None:
+    evaluate(OmegaConf.to_container(cfg, resolve=True))
 
+
+def main() -> None:
+    """The Hydra command line of the stage (``python -m eval`` and ``python -m eval.run``)."""
+    import hydra
+
+    hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")(_evaluate_config)()
+
+
+if __name__ == "__main__":  # `python -m eval.run ...` == `python -m eval ...`
     main()

@@ -137,7 +137,7 @@ FORMATS = {"md": to_markdown, "csv": to_csv, "tex": to_latex}
 def write_tables(header: Sequence[str], rows: Sequence[Sequence[Any]], stem: Path,
                  formats: Iterable[str] = ("md", "csv", "tex")) -> list[Path]:
     """Write ``stem.md``, ``stem.csv``, ``stem.tex`` (those asked for); returns the paths."""
-    from decode.run import atomic_write_bytes
+    from core.rundir import atomic_write_bytes
 
     out = []
     for fmt in formats:

@@ -235,7 +235,7 @@ def test_decode_then_eval_end_to_end(tmp_path):
 
 def test_demo_and_bench_run_every_row_through_the_stages(tmp_path):
     from bench.decoders import ForwardTimer, run_bench
-    from decode.demo import demo
+    from bench.demo import demo
     from tests.test_decode_stage import make_micro_adapter
 
     micro = make_micro_adapter()

@@ -1,0 +1,177 @@
+"""The run-directory contract: the files every stage writes and reads, on the ground floor.
+
+decode writes a run dir, eval reads it, bench and train reuse its helpers; none of them imports another
+stage for it, so this module imports only the standard library and torch (STYLE.md example 7)::
+
+    config.yaml              the resolved config of the run
+    env.json                 git hash, versions, device, hostname (sharded runs: env-{rank}.json)
+    images/{idx:06d}.png     one per prompt ({idx:06d}_{sample:02d}.png when images_per_prompt > 1)
+    samples.jsonl            one JSON object per finished image (sharded runs: samples-{rank}.jsonl)
+    geneval/{idx:05d}/       with prompts.geneval_folder: metadata.jsonl + samples/{sample:04d}.png
+
+Crash safety: an image is *finished* once its record line is in a ``samples*.jsonl``. The PNG is
+written first (tmp file + ``os.replace``), then the line (one write, flush, fsync). On restart a torn
+last line is cut off and every image without a record is decoded again, so a killed run loses at most
+the image in flight. The seed of an image depends only on (seed, idx, sample): never on the order,
+the sharding or the decoder, so AR and SJD runs of one seed see the same per-image generators.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import socket
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO_ROOT / "conf"
+CONFIG_FILE = "config.yaml"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Seeds and names
+
+
+def image_seed(seed: int, idx: int, sample: int = 0) -> int:
+    """Seed of one image from (run seed, prompt index, sample number): a hash, independent of order."""
+    digest = hashlib.sha256(f"sjd2-image/{int(seed)}/{int(idx)}/{int(sample)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def samples_name(index: int, count: int) -> str:
+    """``samples.jsonl`` for a single process, ``samples-{rank}.jsonl`` for a shard."""
+    return "samples.jsonl" if count == 1 else f"samples-{index}.jsonl"
+
+
+def image_name(idx: int, sample: int, images_per_prompt: int) -> str:
+    """Path of an image relative to the run dir."""
+    return f"images/{idx:06d}.png" if images_per_prompt == 1 else f"images/{idx:06d}_{sample:02d}.png"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files: atomic writes, durable appends, torn-line repair
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``path`` so that readers see the old file or the whole new one, never half of it."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_image(image: Any, path: Path) -> None:
+    """Save a PIL image as PNG atomically."""
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def append_record(path: Path, record: Mapping[str, Any]) -> None:
+    """Append one JSON line durably (a single write, then flush + fsync)."""
+    line = json.dumps(record, separators=(",", ":")) + "\n"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_records(path: Path, repair: bool = False) -> list[dict]:
+    """Records of one ``samples*.jsonl``; a torn last line (killed mid-write) is skipped.
+
+    With ``repair`` the torn tail is also cut from the file, so the next append starts a clean line.
+    A malformed line anywhere else is corruption, not a crash: that raises.
+    """
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    records, good_end, offset = [], 0, 0
+    for i, line in enumerate(lines):
+        end = offset + len(line) + 1
+        is_last = i >= len(lines) - 2  # the final line, or the text after the final newline
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if not is_last:
+                    raise ValueError(
+                        f"{path}: line {i + 1} is not valid JSON and is not the last line; the file is "
+                        "corrupt: remove that line (its image will be decoded again)"
+                    ) from None
+                break
+        if i < len(lines) - 1:  # a complete (newline-terminated) line
+            good_end = end
+        elif line.strip():  # parsed but lacks its newline: an append cut short, treat it as torn
+            records.pop()
+        offset = end
+    if repair and good_end < len(raw):
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+            f.flush()
+            os.fsync(f.fileno())
+    return records
+
+
+def sample_files(run_dir: Path) -> list[Path]:
+    """Every records file of a run dir (one per shard)."""
+    return sorted(Path(run_dir).glob("samples*.jsonl"))
+
+
+def finished(run_dir: Path) -> set[tuple[int, int]]:
+    """(idx, sample) of every image with a record in any shard's file."""
+    return {(int(r["idx"]), int(r.get("sample", 0))) for f in sample_files(run_dir) for r in read_records(f)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Environment and timing
+
+
+def git_hash() -> str | None:
+    """HEAD commit of the repository (``+dirty`` with uncommitted changes); None outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, check=False,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: torch.device | str | None, **extra: Any) -> dict[str, Any]:
+    """What produced the numbers: code version, library versions, device, host; ``extra`` adds a stage's own
+    fields (train: ``world_size``, ``deepspeed``) after the common ones."""
+    import transformers
+
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    return {
+        "git": git_hash(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+        "cuda": torch.version.cuda,
+        "hostname": socket.gethostname(),
+        "torch_threads": torch.get_num_threads(),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **extra,
+    }
+
+
+def sync_device(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a host timer measures it (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
