@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from core.rundir import CONF_DIR
-from decode.run import compose_config, decode_run
+from core.config import compose_config
+from decode.run import decode_run
 
 TABLE1_ROWS: tuple[tuple[str, str], ...] = (("tiny", "ar"), ("tiny", "sjd"), ("tiny_sjd2", "ar"), ("tiny_sjd2", "sjd2_tiny"))
 OPTIONAL_MODELS = ("tiny_sjd2",)  # rows of these models are dropped (with a note) when they do not load

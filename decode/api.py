@@ -11,8 +11,8 @@ guided logits equal the conditional ones, so the second stream would only cost c
 from __future__ import annotations
 
 import importlib
-import inspect
 from collections.abc import Callable, Mapping
+from dataclasses import fields
 from typing import Any
 
 import torch
@@ -20,6 +20,7 @@ import torch
 from decode.ar import ar_decode
 from decode.result import DecodeResult
 from decode.sampling import SamplingConfig
+from decode.schema import check_decoder
 from decode.sjd import sjd_decode
 from models.base import ModelAdapter
 
@@ -52,19 +53,13 @@ DECODERS: dict[str, Callable[..., DecodeResult]] = {
 
 
 def resolve_decoder(decoder_cfg: Mapping[str, Any]) -> tuple[Callable[..., DecodeResult], dict[str, Any]]:
-    """``{"name": ..., **options}`` -> (decoder function, its keyword options), validated."""
-    cfg = dict(decoder_cfg)
-    name = cfg.pop("name", None)
-    if name not in DECODERS:
-        raise ValueError(f"unknown decoder {name!r}; valid: {sorted(DECODERS)} (set decoder.name / decoder=<name>)")
-    fn = DECODERS[name]
+    """``{"name": ..., **options}`` -> (decoder function, its keyword options), validated by the decoder's
+    typed options (:mod:`decode.schema`)."""
+    options = check_decoder(decoder_cfg)
+    fn = DECODERS[options.name]
     if isinstance(fn, LazyDecoder):
         fn = fn.resolve()
-    valid = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
-    unknown = sorted(set(cfg) - set(valid))
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for decoder {name!r}; valid options: {valid}")
-    return fn, cfg
+    return fn, {f.name: getattr(options, f.name) for f in fields(options) if f.name != "name"}
 
 
 def generate(

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from core.rundir import (
     sync_device,
 )
 from data.prompts import Prompt, load_prompts
+from decode import schema
 
 # Parts of the config that must match before a run dir may be resumed (prompts.limit and
 # prompts.geneval_folder may change: they select or lay out, never alter, an image).
@@ -102,14 +103,7 @@ def run_key(decoder: Any, sampling: Any) -> str:
 
 
 OmegaConf.register_new_resolver("run_key", run_key, replace=True)
-
-
-def compose_config(overrides: Iterable[str] = (), config_name: str = "decode") -> DictConfig:
-    """Compose ``conf/<config_name>.yaml`` with Hydra overrides, outside a Hydra app (demo, bench, tests)."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name=config_name, overrides=list(overrides))
+schema.register()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -282,11 +276,9 @@ def decode_run(cfg: DictConfig | Mapping[str, Any], *, adapter: Any = None,
     prompts = load_prompts(conf["prompts"])
     per_prompt = int(conf["prompts"].get("images_per_prompt", 1))
     sampling = SamplingConfig(**conf["sampling"])
+    schema.check_decoder(conf["decoder"])
     if generate_fn is None:
         from decode.api import generate as generate_fn
-        from decode.api import resolve_decoder
-
-        resolve_decoder(conf["decoder"])
     shard_cfg = conf.get("shard") or {}
     shard = resolve_shard(shard_cfg.get("index"), shard_cfg.get("count"))
     run_dir = Path(conf["out_dir"])

@@ -22,8 +22,10 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from core.rundir import CONF_DIR, CONFIG_FILE, atomic_write_bytes, read_records, sample_files
+from eval import schema
 
 SCORES_FILE = "scores.json"
+schema.register()
 
 
 @dataclass(frozen=True)
@@ -176,6 +178,8 @@ def evaluate(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The stage: score every run dir, print the side-by-side table, write md/csv/tex (+ a sweep plot)."""
     from eval import plots, tables
 
+    # typed once (eval/schema.py): a config from code gets the same checks and defaults as the command line
+    cfg = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(schema.EvalStage), cfg), resolve=True)
     metrics = list(cfg["eval"]["metrics"])
     for name in metrics:  # fail on a typo before scoring anything
         resolve_metric(name)
@@ -184,12 +188,11 @@ def evaluate(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
     header, rows = tables.build_table(all_scores)
     out = table_dir_for(run_dirs, cfg.get("table_dir"))
     out.mkdir(parents=True, exist_ok=True)
-    written = tables.write_tables(header, rows, out / cfg.get("name", "scores"), cfg.get("formats", ("md", "csv", "tex")))
+    written = tables.write_tables(header, rows, out / cfg["name"], cfg["formats"])
     print(tables.to_markdown(header, rows))
-    plot_cfg = cfg.get("plot") or {}
-    if plot_cfg.get("enabled", True) and len(all_scores) > 1:
-        png = plots.plot_sweep(all_scores, out / f"{cfg.get('name', 'scores')}_sweep.png",
-                               x=plot_cfg.get("x"), group=plot_cfg.get("group"))
+    plot_cfg = cfg["plot"]
+    if plot_cfg["enabled"] and len(all_scores) > 1:
+        png = plots.plot_sweep(all_scores, out / f"{cfg['name']}_sweep.png", x=plot_cfg["x"], group=plot_cfg["group"])
         if png is not None:
             written.append(png)
     print("wrote " + ", ".join(str(p) for p in written))

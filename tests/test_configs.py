@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 import decode.run  # noqa: F401  (registers the run_key resolver that out_dir uses)
 from core.rundir import CONF_DIR
-from decode.run import compose_config
+from core.config import compose_config
 
 PRIMARIES = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
 

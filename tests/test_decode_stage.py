@@ -18,7 +18,8 @@ from PIL import Image
 
 from core.rundir import image_seed, read_records
 from data.prompts import PromptSetError, load_prompts
-from decode.run import RunDirConflict, compose_config, decode_run, resolve_shard, run_key
+from core.config import compose_config
+from decode.run import RunDirConflict, decode_run, resolve_shard, run_key
 
 REPO = Path(__file__).resolve().parents[1]
 FIELDS = {"idx", "prompt", "category", "seed", "decoder", "n_tokens", "n_forwards", "latency_s", "peak_mem_bytes",

@@ -217,7 +217,7 @@ def test_decode_then_eval_end_to_end(tmp_path):
     for dec in ("ar", "sjd"):
         dirs.append(tmp_path / dec)
         decode_run(decode_cfg(dirs[-1], f"decoder={dec}", "prompts.limit=3"), adapter=adapter)
-    from decode.run import compose_config
+    from core.config import compose_config
 
     cfg = compose_config([f"run_dirs=[{dirs[0]},{dirs[1]}]", f"table_dir={tmp_path}"], config_name="eval")
     from omegaconf import OmegaConf

@@ -157,6 +157,7 @@ def test_bad_options_name_the_fix(adapter):
 
 def test_yaml_mirrors_the_keyword_options():
     conf = OmegaConf.to_container(OmegaConf.load(CONF))
+    conf.pop("defaults")  # the Hydra defaults list (its typed schema), not an option
     fn, options = resolve_decoder(conf)  # unknown keys would raise
     kw = {p.name: p.default for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY}
     assert options == kw

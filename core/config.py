@@ -1,0 +1,26 @@
+"""Compose a stage's config (``conf/<stage>.yaml``) outside a Hydra app: the demo, the benchmarks, tests.
+
+A stage's typed schema (``decode/schema.py``, ``eval/schema.py``) and its resolvers are registered when
+the stage's module is imported, so composing imports it first, by name: the ground floor never imports a
+stage statically.
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable
+
+from omegaconf import DictConfig
+
+from core.rundir import CONF_DIR
+
+STAGE_MODULES = {"decode": "decode.run", "eval": "eval.run", "train": "train.run"}
+
+
+def compose_config(overrides: Iterable[str] = (), config_name: str = "decode") -> DictConfig:
+    """``conf/<config_name>.yaml`` with Hydra overrides applied (types checked by the stage's schema)."""
+    from hydra import compose, initialize_config_dir
+
+    if config_name in STAGE_MODULES:
+        importlib.import_module(STAGE_MODULES[config_name])
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides))

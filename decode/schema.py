@@ -1,0 +1,134 @@
+"""Typed configs of the decode stage, registered with Hydra's ConfigStore.
+
+``conf/decode.yaml`` extends :class:`DecodeStage` and every ``conf/decoder/<name>.yaml`` extends its
+decoder's options class (``defaults: [<name>_schema, _self_]``), so Hydra refuses a wrong type
+(``decoder.window=abc``) or an unknown option (``decoder.windw=8``) while it composes the config,
+naming the option, before any file is written. :func:`check_decoder` then builds the options object,
+whose ``__post_init__`` checks the values (``decoder.window=0``) with the decoder's own rules.
+
+The YAML files hold every default a user sees; the field defaults here only mirror them so that the
+classes also work from code.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+import typing
+from dataclasses import dataclass, field, fields, make_dataclass
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from decode.sampling import SamplingConfig
+
+
+@dataclass
+class ArOptions:
+    """``decoder=ar``: plain autoregressive decoding, one token per forward; no options."""
+
+    name: str = "ar"
+
+
+@dataclass
+class SjdOptions:
+    """``decoder=sjd`` (conf/decoder/sjd.yaml documents each option)."""
+
+    name: str = "sjd"
+    window: int = 16
+    init: str = "random"
+    jacobi_region: str = "image"
+
+    def __post_init__(self) -> None:
+        from decode import sjd
+
+        sjd.validate_options(self.window, self.init, self.jacobi_region)
+
+
+@dataclass
+class Sjd2Options:
+    """``decoder=sjd2`` (conf/decoder/sjd2.yaml documents each option and its provenance)."""
+
+    name: str = "sjd2"
+    window: int = 96
+    denoise_steps: int = 25
+    init_levels: str = "staircase"
+    init_latent: str = "prior_mean"
+    x0: str = "sample"
+    draft_q: str = "sampled"
+    accept_only_clean_inputs: bool = False
+    timestep_signal: str = "reserved_token"
+    signal_levels: Optional[int] = None
+    schedule: str = "rectified_flow"
+    spacing: str = "karras"
+    rho: float = 7.0
+    t_min: float = 0.01
+    t_max: float = 1.0
+    jacobi_region: str = "image"
+    check_trained_noise: bool = True
+    signal: Any = None  # code only: an explicit timestep-signal callable
+
+    def __post_init__(self) -> None:
+        from decode import sjd2
+        from models.noisy import NoiseConfig
+
+        sjd2.validate_options(self.window, self.init_levels, self.draft_q, self.init_latent, self.jacobi_region)
+        NoiseConfig(schedule=self.schedule, levels=self.denoise_steps, spacing=self.spacing, rho=self.rho,
+                    t_min=self.t_min, t_max=self.t_max, timestep_signal=self.timestep_signal,
+                    signal_levels=self.signal_levels, x0=self.x0)
+
+
+DECODER_OPTIONS: dict[str, type] = {"ar": ArOptions, "sjd": SjdOptions, "sjd2": Sjd2Options}
+
+
+# The composed ``sampling:`` node: SamplingConfig's fields and types, mutable (the frozen SamplingConfig
+# itself checks the values when the stage builds it).
+SamplingFields = make_dataclass(
+    "SamplingFields", [(f.name, typing.get_type_hints(SamplingConfig)[f.name], f.default) for f in fields(SamplingConfig)]
+)
+
+
+@dataclass
+class ShardConfig:
+    index: Optional[int] = None
+    count: Optional[int] = None
+
+
+@dataclass
+class DecodeStage:
+    """``conf/decode.yaml``; ``model`` / ``prompts`` / ``launcher`` are checked by their loaders."""
+
+    model: Any = MISSING
+    decoder: Any = MISSING
+    prompts: Any = MISSING
+    launcher: Any = None
+    seed: int = 0
+    out_dir: str = MISSING
+    sampling: Any = field(default_factory=SamplingFields)
+    shard: ShardConfig = field(default_factory=ShardConfig)
+    warmup: bool = True
+    max_images: Optional[int] = None
+    progress: bool = True
+    force: bool = False
+
+
+def check_decoder(decoder_cfg: Mapping[str, Any]) -> Any:
+    """The options object of ``{"name": ..., **options}``: unknown names, options and values refused."""
+    cfg = dict(decoder_cfg)
+    name = cfg.get("name")
+    if name not in DECODER_OPTIONS:
+        raise ValueError(f"unknown decoder {name!r}; valid: {sorted(DECODER_OPTIONS)} "
+                         f"(set decoder.name / decoder=<name>)")
+    cls = DECODER_OPTIONS[name]
+    unknown = sorted(set(cfg) - set(cls.__dataclass_fields__))
+    if unknown:
+        valid = [f for f in cls.__dataclass_fields__ if f != "name"]
+        raise ValueError(f"unknown option(s) {unknown} for decoder {name!r}; valid options: {valid}")
+    return cls(**cfg)
+
+
+def register() -> None:
+    """Make the schemas known to Hydra (idempotent; called when decode.run is imported)."""
+    cs = ConfigStore.instance()
+    cs.store(name="decode_schema", node=DecodeStage)
+    for name, cls in DECODER_OPTIONS.items():
+        cs.store(group="decoder", name=f"{name}_schema", node=cls)
