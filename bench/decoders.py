@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from bench.demo import TABLE1_ROWS, load_models
-from core.rundir import environment, image_seed, sync_device
 from core.config import compose_config
+from core.rundir import environment, image_seed, sync_device
 from decode.run import timed_generate
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

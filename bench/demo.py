@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from core.rundir import CONF_DIR
 from core.config import compose_config
+from core.rundir import CONF_DIR
 from decode.run import decode_run
 
 TABLE1_ROWS: tuple[tuple[str, str], ...] = (("tiny", "ar"), ("tiny", "sjd"), ("tiny_sjd2", "ar"), ("tiny_sjd2", "sjd2_tiny"))

@@ -5,37 +5,12 @@ from exactly the same state as AR.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from decode.result import DecodeResult
 from decode.sampling import SamplingConfig, final_probs, sample
+from decode.window import check_generator, grow_mask, prefill_forward
 from models.base import ModelAdapter, Prefill
-
-
-def check_generator(generator: torch.Generator, device: torch.device | str) -> None:
-    """Refuse a generator on another device than the model (its draws would fail or be slow)."""
-    if torch.device(generator.device).type != torch.device(device).type:
-        raise ValueError(
-            f"the generator lives on {generator.device} but the model on {device}; "
-            f"pass torch.Generator(device={str(device)!r}).manual_seed(seed)"
-        )
-
-
-def prefill_forward(adapter: ModelAdapter, prefill: Prefill) -> tuple[torch.Tensor, Any, torch.Tensor]:
-    """Run the prompt. Returns (logits of the last prompt position [B, 1, V], cache, attention mask [B, T])."""
-    ids = prefill.input_ids.to(adapter.device)  # [B, T]
-    mask = prefill.attention_mask.to(adapter.device)  # [B, T]
-    if ids.shape[0] not in (1, 2):
-        raise ValueError(f"prefill has {ids.shape[0]} rows; expected 1 (no CFG) or 2 (cond, uncond)")
-    logits, cache = adapter.forward(adapter.embed(ids), None, mask)
-    return logits[:, -1:], cache, mask
-
-
-def grow_mask(mask: torch.Tensor, n: int) -> torch.Tensor:
-    """Append n attended positions to every stream's attention mask [B, T] -> [B, T + n]."""
-    return torch.cat([mask, mask.new_ones(mask.shape[0], n)], dim=1)
 
 
 @torch.no_grad()

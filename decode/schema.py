@@ -11,10 +11,10 @@ classes also work from code.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, make_dataclass
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -57,7 +57,7 @@ class Sjd2Options:
     draft_q: str = "sampled"
     accept_only_clean_inputs: bool = False
     timestep_signal: str = "reserved_token"
-    signal_levels: Optional[int] = None
+    signal_levels: int | None = None
     schedule: str = "rectified_flow"
     spacing: str = "karras"
     rho: float = 7.0
@@ -89,8 +89,8 @@ SamplingFields = make_dataclass(
 
 @dataclass
 class ShardConfig:
-    index: Optional[int] = None
-    count: Optional[int] = None
+    index: int | None = None
+    count: int | None = None
 
 
 @dataclass
@@ -106,7 +106,7 @@ class DecodeStage:
     sampling: Any = field(default_factory=SamplingFields)
     shard: ShardConfig = field(default_factory=ShardConfig)
     warmup: bool = True
-    max_images: Optional[int] = None
+    max_images: int | None = None
     progress: bool = True
     force: bool = False
 

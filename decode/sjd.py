@@ -24,14 +24,21 @@ from __future__ import annotations
 
 import torch
 
-from decode.ar import check_generator, grow_mask, prefill_forward
 from decode.result import DecodeResult
 from decode.sampling import SamplingConfig, final_probs, forced_ids, sample
-from decode.speculative import accept
+from decode.window import (
+    REGIONS,
+    check_generator,
+    grow_mask,
+    jacobi_span,
+    n_window_drafts,
+    one_hot,
+    prefill_forward,
+    verify,
+)
 from models.base import FREE, ImageLayout, ModelAdapter, Prefill
 
 INITS = ("random", "spatial")
-REGIONS = ("image", "all")
 
 
 def validate_options(window: int, init: str, jacobi_region: str) -> None:
@@ -43,22 +50,6 @@ def validate_options(window: int, init: str, jacobi_region: str) -> None:
         raise ValueError(f"decoder.init must be one of {list(INITS)}, got {init!r}")
     if jacobi_region not in REGIONS:
         raise ValueError(f"decoder.jacobi_region must be one of {list(REGIONS)}, got {jacobi_region!r}")
-
-
-def jacobi_span(layout: ImageLayout, jacobi_region: str) -> tuple[int, int]:
-    """[start, stop) of the generated-token indices whose tokens may be drafted."""
-    if jacobi_region == "all":
-        return 0, layout.n_tokens
-    start = len(layout.head)
-    return start, start + layout.height * layout.row_len
-
-
-def n_window_drafts(n_committed: int, window: int, span: tuple[int, int], n_tokens: int) -> int:
-    """Drafts k of the next window: at most ``window - 1``, only inside ``span``, none past the end."""
-    start, stop = span
-    if not start <= n_committed < stop:
-        return 0
-    return max(0, min(window - 1, stop - n_committed, n_tokens - 1 - n_committed))
 
 
 def spatial_neighbour(layout: ImageLayout, j: int) -> int | None:
@@ -92,26 +83,6 @@ def new_drafts(
         left = spatial_neighbour(layout, j) if init == "spatial" else None
         seq[j] = seq[left] if left is not None else codes[i]
     return seq[start:stop].clone()
-
-
-def one_hot(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[n] ids -> [n, V] float32 one-hot rows (the q of a deterministic draft)."""
-    q = torch.zeros(tokens.numel(), vocab_size, dtype=torch.float32, device=tokens.device)
-    return q.scatter_(1, tokens[:, None], 1.0)
-
-
-def verify_window(
-    p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, generator: torch.Generator
-) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """Steps 1-2 of an iteration: p [k+1, V] targets, q [k, V], drafts [k].
-
-    Returns (n_accepted, committed tokens [n_accepted + 1], fresh samples [k + 1] of every target row).
-    """
-    k = drafts.numel()
-    fresh = sample(p, generator)  # [k + 1]
-    n_acc, token = accept(p[:k], q, drafts, generator)
-    nxt = fresh[k:] if token is None else torch.tensor([token], device=fresh.device)  # bonus or residual
-    return n_acc, torch.cat([drafts[:n_acc], nxt]), fresh
 
 
 @torch.no_grad()
@@ -157,7 +128,7 @@ def sjd_decode(
         positions = torch.arange(n_committed, n_committed + k + 1)
         p = final_probs(logits, positions, layout, sampling)  # [k + 1, V]
 
-        n_acc, committed, fresh = verify_window(p, q, drafts, generator)
+        n_acc, committed, fresh = verify(p, q, drafts, generator)
         n_reject = k - n_acc  # uncommitted inputs: drafts n_acc+1..k
         cache = adapter.rollback(cache, n_reject)
         mask = mask[:, : mask.shape[1] - n_reject]

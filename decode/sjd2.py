@@ -60,12 +60,19 @@ from typing import Any
 
 import torch
 
-from decode.ar import check_generator, grow_mask, prefill_forward
 from decode.result import DecodeResult
-from decode.sampling import SamplingConfig, final_probs, sample
+from decode.sampling import SamplingConfig, final_probs, forced_ids, sample
 from decode.schedule import INIT_MODES, initial_levels, step_levels
-from decode.sjd import REGIONS, jacobi_span, n_window_drafts, one_hot
-from decode.speculative import accept
+from decode.window import (
+    REGIONS,
+    check_generator,
+    grow_mask,
+    jacobi_span,
+    n_window_drafts,
+    one_hot,
+    prefill_forward,
+    verify,
+)
 from models.base import FREE, ModelAdapter, Prefill
 from models.noisy import (
     EmbeddingNorm,
@@ -224,7 +231,7 @@ class Sjd2Window:
     def new_slots(self, start: int, levels: torch.Tensor, generator: torch.Generator) -> Slots:
         """Slots for positions [start, start + n) at ``levels`` [n]; forced positions clean with their id."""
         n = int(levels.numel())
-        forced = self.layout.forced_ids(torch.arange(start, start + n)).to(self.device)  # [n]
+        forced = forced_ids(self.layout, torch.arange(start, start + n)).to(self.device)  # [n]
         is_forced = forced != FREE
         levels = torch.where(is_forced, 0, levels.to(self.device))
         eps = torch.randn(n, self.dim, generator=generator, device=generator.device).to(self.device)
@@ -259,20 +266,6 @@ class Sjd2Window:
             z[noisy] = denoise_step(z[noisy], x0, slots.levels[noisy], self.noise)
         q = p if self.draft_q == "sampled" else one_hot(fresh, self.vocab_size)
         return Slots(step_levels(slots.levels), z, fresh, torch.ones_like(slots.has_draft), q)
-
-
-def verify(p: torch.Tensor, slots: Slots, eligible: torch.Tensor, generator: torch.Generator
-           ) -> tuple[int, torch.Tensor, torch.Tensor, int]:
-    """Steps 1-2: p [k+1, V]; eligible [k] bool.
-
-    Returns (n_accepted, committed tokens [n_accepted + 1], fresh samples [k + 1], n_tested).
-    """
-    fresh = sample(p, generator)  # [k + 1]: one clean token at every row
-    not_eligible = (~eligible).nonzero()
-    m = int(not_eligible[0, 0]) if not_eligible.numel() else len(slots)
-    n_acc, token = accept(p[:m], slots.q[:m], slots.drafts[:m], generator)
-    nxt = fresh[m : m + 1] if token is None else torch.tensor([token], device=fresh.device)
-    return n_acc, torch.cat([slots.drafts[:n_acc], nxt]), fresh, m
 
 
 @torch.no_grad()
@@ -353,7 +346,9 @@ def sjd2_decode(
 
         # 2. verify the eligible prefix, commit
         eligible = slots.has_draft & (slots.levels == 0) if accept_only_clean_inputs else slots.has_draft
-        n_acc, committed, fresh, n_tested = verify(p, slots, eligible, generator)
+        not_eligible = (~eligible).nonzero()
+        n_tested = int(not_eligible[0, 0]) if not_eligible.numel() else len(slots)  # test up to the first ineligible
+        n_acc, committed, fresh = verify(p, slots.q, slots.drafts, generator, n_testable=n_tested)
         stats.record(slots.levels, n_tested, n_acc, K)
         stats.n_refed_tokens += u - 1
 

@@ -4,7 +4,7 @@ the option, before any run dir is read. The YAML holds every default a user sees
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -15,25 +15,25 @@ class EvalSuite:
     """``conf/eval/<suite>.yaml``: which metrics, and their options by metric name."""
 
     name: str = MISSING
-    metrics: List[str] = MISSING
-    options: Dict[str, Any] = field(default_factory=dict)
+    metrics: list[str] = MISSING
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class PlotOptions:
     enabled: bool = True
-    x: Optional[str] = None
-    group: Optional[str] = None
+    x: str | None = None
+    group: str | None = None
 
 
 @dataclass
 class EvalStage:
     eval: EvalSuite = field(default_factory=EvalSuite)
-    run_dir: Optional[str] = None
-    run_dirs: List[str] = field(default_factory=list)
-    table_dir: Optional[str] = None
+    run_dir: str | None = None
+    run_dirs: list[str] = field(default_factory=list)
+    table_dir: str | None = None
     name: str = "scores"
-    formats: List[str] = field(default_factory=lambda: ["md", "csv", "tex"])
+    formats: list[str] = field(default_factory=lambda: ["md", "csv", "tex"])
     plot: PlotOptions = field(default_factory=PlotOptions)
 
 

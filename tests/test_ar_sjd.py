@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 from scipy.stats import chisquare
 
-import decode.sjd as sjd_module
+import decode.window as window_module
 from decode.api import DECODERS, generate, resolve_decoder
 from decode.ar import ar_decode
 from decode.sampling import SamplingConfig, final_probs, sample
@@ -205,7 +205,7 @@ def test_the_lossless_test_fails_for_resampling_from_p(toy_model, monkeypatch):
     sampling, options = TOY_CASES[0]
     prefill = toy_model.prompt("a red circle")
     exact = exact_ar_distribution(toy_model, prefill, sampling)
-    monkeypatch.setattr(sjd_module, "accept", broken_accept)
+    monkeypatch.setattr(window_module, "accept", broken_accept)  # the one verification step (sjd and sjd2)
     samples = sjd_samples(toy_model, prefill, sampling, N_TOY, seed=0, **options)
     assert chi_square_p_value(samples, exact) < 1e-6
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from core.rundir import CONF_DIR
 from core.config import compose_config
+from core.rundir import CONF_DIR
 from decode.schema import DECODER_OPTIONS, check_decoder
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,0 +1,79 @@
+"""What ar, sjd and sjd2 share: the prefill, the growing attention mask, where windows may open, how many
+drafts a window holds, and the one verification step of a speculative window.
+
+The decoders are siblings over this module and the adapter protocol; none imports another.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from decode.sampling import sample
+from decode.speculative import accept
+from models.base import ImageLayout, ModelAdapter, Prefill
+
+REGIONS = ("image", "all")
+
+
+def check_generator(generator: torch.Generator, device: torch.device | str) -> None:
+    """Refuse a generator on another device than the model (its draws would fail or be slow)."""
+    if torch.device(generator.device).type != torch.device(device).type:
+        raise ValueError(
+            f"the generator lives on {generator.device} but the model on {device}; "
+            f"pass torch.Generator(device={str(device)!r}).manual_seed(seed)"
+        )
+
+
+def prefill_forward(adapter: ModelAdapter, prefill: Prefill) -> tuple[torch.Tensor, Any, torch.Tensor]:
+    """Run the prompt. Returns (logits of the last prompt position [B, 1, V], cache, attention mask [B, T])."""
+    ids = prefill.input_ids.to(adapter.device)  # [B, T]
+    mask = prefill.attention_mask.to(adapter.device)  # [B, T]
+    if ids.shape[0] not in (1, 2):
+        raise ValueError(f"prefill has {ids.shape[0]} rows; expected 1 (no CFG) or 2 (cond, uncond)")
+    logits, cache = adapter.forward(adapter.embed(ids), None, mask)
+    return logits[:, -1:], cache, mask
+
+
+def grow_mask(mask: torch.Tensor, n: int) -> torch.Tensor:
+    """Append n attended positions to every stream's attention mask [B, T] -> [B, T + n]."""
+    return torch.cat([mask, mask.new_ones(mask.shape[0], n)], dim=1)
+
+
+def jacobi_span(layout: ImageLayout, jacobi_region: str) -> tuple[int, int]:
+    """[start, stop) of the generated-token indices whose tokens may be drafted."""
+    if jacobi_region == "all":
+        return 0, layout.n_tokens
+    start = len(layout.head)
+    return start, start + layout.height * layout.row_len
+
+
+def n_window_drafts(n_committed: int, window: int, span: tuple[int, int], n_tokens: int) -> int:
+    """Drafts k of the next window: at most ``window - 1``, only inside ``span``, none past the end."""
+    start, stop = span
+    if not start <= n_committed < stop:
+        return 0
+    return max(0, min(window - 1, stop - n_committed, n_tokens - 1 - n_committed))
+
+
+def one_hot(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[n] ids -> [n, V] float32 one-hot rows (the q of a deterministic draft)."""
+    q = torch.zeros(tokens.numel(), vocab_size, dtype=torch.float32, device=tokens.device)
+    return q.scatter_(1, tokens[:, None], 1.0)
+
+
+def verify(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, generator: torch.Generator,
+           n_testable: int | None = None) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Steps 1-2 of a speculative window: p [k+1, V] targets, q [k, V] and drafts [k].
+
+    One fresh token is sampled from every target row, then the first ``n_testable`` drafts (default: all
+    k; SJD2 stops at the first slot that may not be accepted) are tested in order
+    (:func:`decode.speculative.accept`). Returns (n_accepted, the committed tokens [n_accepted + 1]: the
+    accepted drafts, then the residual sample at the first rejection or, when all tested drafts pass,
+    the fresh sample of row ``n_testable``; the fresh samples [k + 1]).
+    """
+    m = drafts.numel() if n_testable is None else n_testable
+    fresh = sample(p, generator)  # [k + 1]
+    n_acc, token = accept(p[:m], q[:m], drafts[:m], generator)
+    nxt = fresh[m : m + 1] if token is None else torch.tensor([token], device=fresh.device)
+    return n_acc, torch.cat([drafts[:n_acc], nxt]), fresh
