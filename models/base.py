@@ -173,6 +173,10 @@ class ModelAdapter(Protocol):
     def reserved_ids(self) -> tuple[int, ...]:
         """Vocabulary ids the model never uses, available as SJD2 timestep (noise-level) tokens."""
 
+    def export(self, lm_state: dict[str, torch.Tensor], out_dir: Path, recipe: dict) -> None:
+        """Write the trained LM weights ``lm_state`` to ``out_dir`` in the model's own format (the trainer
+        writes ``sjd2.json`` beside them; ``recipe`` is for formats that also keep it inside)."""
+
 
 class HFAdapter:
     """Shared plumbing for adapters over a ``transformers`` causal LM.
@@ -231,6 +235,15 @@ class HFAdapter:
         weight = self.backbone.get_input_embeddings().weight.detach().float()
         rows = weight[self.layout.code_start : self.layout.code_stop]  # [N_codes, D]
         return rows.mean(0), rows.std(0).clamp_min(1e-6)
+
+    def export(self, lm_state: dict[str, torch.Tensor], out_dir: Path, recipe: dict) -> None:
+        """``save_pretrained`` with the trained weights, plus the tokenizer / processor (the recipe goes to
+        ``sjd2.json``, written by the trainer)."""
+        self.model.save_pretrained(str(out_dir), state_dict=lm_state)
+        for attr in ("tokenizer", "processor"):
+            tok = getattr(self, attr, None)
+            if tok is not None and hasattr(tok, "save_pretrained"):
+                tok.save_pretrained(str(out_dir))
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> Prefill:

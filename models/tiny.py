@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +149,16 @@ class TinyAdapter(HFAdapter):
     def encode_image(self, image) -> torch.Tensor:
         grid = self._need_vq().encode(image)
         return self.layout.sequence(grid + CODE_BASE)
+
+    def export(self, lm_state: dict[str, torch.Tensor], out_dir: Path, recipe: dict) -> None:
+        """The tiny format (config.json + model.safetensors + vq.safetensors) with the recipe also in
+        ``config.extra["sjd2"]``."""
+        config = replace(self.config, extra={**dict(self.config.extra), "sjd2": recipe})
+        model = LlamaForCausalLM(config.llama_config())
+        model.load_state_dict({k: v.float() for k, v in lm_state.items()})
+        save(TinyAdapter(model, config, vq=self.vq, image_size=self.image_size, name=self.name), out_dir)
+        if self.vq is not None:
+            self.vq.save(Path(out_dir) / "vq.safetensors")
 
 
 def build(config: TinyConfig, seed: int = 0, vq: Any = None, image_size: int = 64,

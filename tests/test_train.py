@@ -14,19 +14,12 @@ from models.noisy import EmbeddingNorm, NoiseConfig, make_signal, noisy_embeddin
 from models.tiny import build
 from tests.conftest import micro_config
 from tests.test_noising import records
-from train.loop import (
-    BatchPlan,
-    DataConfig,
-    LossLog,
-    OptimConfig,
-    TrainConfig,
-    deepspeed_config,
-    fit,
-    lr_factor,
-    train_config_from_dict,
-)
+from train.config import DataConfig, OptimConfig, TrainConfig, train_config_from_dict
+from train.engines import deepspeed_config, lr_factor
+from train.loop import LossLog, fit
 from train.noising import NoiseLayoutConfig, make_batch, unconditional_ids
 from train.objective import NoisyLM, ObjectiveConfig, row_noise
+from train.plan import BatchPlan
 
 NOISE = NoiseConfig(levels=5)
 

@@ -83,10 +83,6 @@ class Batch:
             self.levels.to(device), self.noise_seeds, self.image_start,
         )
 
-    @property
-    def n_loss_tokens(self) -> int:
-        return int((self.labels != IGNORE).sum())
-
 
 def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     """The generator of everything random about example ``index`` in ``epoch``."""

@@ -134,10 +134,6 @@ class NoisyLM(nn.Module):
         z = torch.logsumexp(logits, dim=-1).pow(2).sum() if self.objective.z_loss else logits.new_zeros(())
         return ce, z
 
-    def trainable_state(self) -> dict[str, dict[str, torch.Tensor]]:
-        """{"lm": HF state dict, "timestep_mlp": its state dict or {}} (detached, on CPU)."""
-        return split_state({k: v.detach().cpu() for k, v in self.state_dict().items()})
-
 
 def split_state(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """Split a :class:`NoisyLM` state dict into the LM's own keys and the timestep MLP's."""

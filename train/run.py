@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from train.loop import DATA_SOURCES, DataConfig, FitResult, fit, train_config_from_dict
+from train.config import DATA_SOURCES, DataConfig, train_config_from_dict
+from train.loop import FitResult, fit
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 

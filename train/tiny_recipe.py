@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from tqdm import tqdm
 
 from models import REPO_ROOT
 from models.tiny import BOS, PAD, TinyConfig, build, save
+from train.engines import warmup_cosine
 
 IGNORE = -100
 
@@ -105,10 +105,7 @@ def batch_tensors(ids: torch.Tensor, p_max: int, drop: torch.Tensor):
 
 
 def lr_at(step: int, cfg: RecipeConfig) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+    return warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio, peak=cfg.lr)
 
 
 def train(adapter, ids: torch.Tensor, p_max: int, cfg: RecipeConfig, out: Path) -> list[float]:
