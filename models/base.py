@@ -231,6 +231,14 @@ class HFAdapter:
             cache.crop(-n)  # transformers 5.x: a negative argument removes that many entries
         return cache
 
+    def _need_vq(self, missing: str) -> Any:
+        """``self.vq``, the image codec kept beside the LM (tiny's patch VQ, Lumina's VQGAN); a checkpoint
+        may come without one, and then ``missing`` (what to do about it) is the RuntimeError."""
+        vq = getattr(self, "vq", None)
+        if vq is None:
+            raise RuntimeError(missing)
+        return vq
+
     def embedding_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         weight = self.backbone.get_input_embeddings().weight.detach().float()
         rows = weight[self.layout.code_start : self.layout.code_stop]  # [N_codes, D]

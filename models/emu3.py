@@ -35,14 +35,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.base import HFAdapter, ImageLayout, Prefill, attach_sjd2_extras, left_pad
+from models import hf_common
+from models.base import ImageLayout, Prefill, attach_sjd2_extras, left_pad
 from models.hf_common import (
-    CodeMap,
+    CodeMappedAdapter,
     byte_level_tokenizer,
     config_from_mapping,
     load_tokenizer,
     read_checkpoint_config,
     resolve_checkpoint,
+    settle_random_sizes,
     torch_dtype,
 )
 
@@ -81,9 +83,7 @@ def visual_name(code: int) -> str:
 
 
 def _vocab_id(vocab: Mapping[str, int], name: str) -> int:
-    if name not in vocab:
-        raise KeyError(f"token {name!r} is missing from the vocabulary: is this an Emu3 tokenizer?")
-    return int(vocab[name])
+    return hf_common.vocab_id(vocab, name, "an Emu3")
 
 
 def emu3_layout(vocab: Mapping[str, int], image_size: int, pixels_per_code: int, code_range: tuple[int, int]) -> ImageLayout:
@@ -110,13 +110,9 @@ def emu3_layout(vocab: Mapping[str, int], image_size: int, pixels_per_code: int,
 
 
 @dataclass(frozen=True)
-class RandomSizes:
-    """Sizes of a randomly initialised tiny Emu3 (same classes, real vocabulary ids and layout)."""
+class RandomSizes(hf_common.RandomSizes):
+    """Sizes of a randomly initialised tiny Emu3: the language model's, 9216 positions, and its VQ-VAE's."""
 
-    hidden_size: int = 32
-    intermediate_size: int = 64
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 2
     max_position_embeddings: int = 9216
     vq_base_channels: int = 32  # VQ-VAE width (Emu3: 256; GroupNorm needs a multiple of 32)
     vq_embed_dim: int = 4  # codebook vector size (Emu3: 4)
@@ -135,7 +131,6 @@ class Emu3Config:
     dtype: str = "bfloat16"
     local_files_only: bool = True  # never download unless false
     random_init: bool = False  # true: tiny random model + tokenizer built in code (tests)
-    vq_path: str | None = None  # unused: the VQ-VAE ships inside the Emu3 checkpoint (kept for a uniform schema)
     positive_suffix: str = POSITIVE_SUFFIX  # appended to every prompt at inference
     negative_prompt: str = NEGATIVE_PROMPT  # the CFG stream's text
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # VQ-VAE pixel normalisation ([-1, 1])
@@ -145,10 +140,7 @@ class Emu3Config:
     sampling_defaults: dict = field(default_factory=dict)  # the paper's sampling settings (informative)
 
     def __post_init__(self) -> None:
-        if isinstance(self.random_sizes, Mapping):
-            object.__setattr__(self, "random_sizes", RandomSizes(**self.random_sizes))
-        if self.random_init and self.random_sizes is None:
-            object.__setattr__(self, "random_sizes", RandomSizes())
+        settle_random_sizes(self, RandomSizes)
         object.__setattr__(self, "image_mean", tuple(float(x) for x in self.image_mean))
         object.__setattr__(self, "image_std", tuple(float(x) for x in self.image_std))
 
@@ -183,12 +175,7 @@ def tiny_emu3(sizes: RandomSizes, vocab: Mapping[str, int]):
     from transformers import Emu3Config as HFEmu3Config
     from transformers import Emu3ForConditionalGeneration
 
-    text = {
-        "vocab_size": VOCAB_SIZE, "hidden_size": sizes.hidden_size, "intermediate_size": sizes.intermediate_size,
-        "num_hidden_layers": sizes.num_hidden_layers, "num_attention_heads": sizes.num_attention_heads,
-        "num_key_value_heads": sizes.num_attention_heads, "max_position_embeddings": sizes.max_position_embeddings,
-        "pad_token_id": vocab[PAD_NAME], "bos_token_id": vocab[BOS_NAME], "eos_token_id": vocab[EOS_NAME],
-    }
+    text = sizes.text_config(VOCAB_SIZE, vocab[BOS_NAME], vocab[EOS_NAME], vocab[PAD_NAME])
     vq = {  # channel_multiplier of 4 levels: 8 px per code, as Emu3's VQ-VAE
         "codebook_size": N_VISUAL, "embed_dim": sizes.vq_embed_dim, "latent_channels": sizes.vq_embed_dim,
         "base_channels": sizes.vq_base_channels, "channel_multiplier": [1, 1, 1, 1], "num_res_blocks": 1,
@@ -203,22 +190,11 @@ def tiny_emu3(sizes: RandomSizes, vocab: Mapping[str, int]):
 # Adapter
 
 
-class Emu3Adapter(HFAdapter):
+class Emu3Adapter(CodeMappedAdapter):
     """Emu3-Gen through ``Emu3ForConditionalGeneration`` (its own VQ-VAE)."""
 
     def __init__(self, model: Any, tokenizer: Any, cfg: Emu3Config):
-        self.name = cfg.name
-        self.cfg = cfg
-        self.model = model.eval()
-        self.backbone = model.model.text_model  # Emu3TextModel
-        self.lm_head = model.lm_head
-        self.tokenizer = tokenizer
-        self.sjd2_recipe: dict | None = None  # set by attach_sjd2_extras for SJD2 fine-tuned checkpoints
-        self.timestep_mlp: torch.nn.Module | None = None
-        self.image_size = int(cfg.image_size)
-        self.sampling_defaults = dict(cfg.sampling_defaults)
-        vocab = tokenizer.get_vocab()
-        self.code_map = CodeMap.from_vocab(vocab, parse_visual_name, self.vocab_size)
+        vocab = self._setup(model, model.model.text_model, tokenizer, cfg, parse_visual_name)  # Emu3TextModel
         self.pixels_per_code = int(model.model.vqmodel.vision_spatial_factor)
         self.layout = emu3_layout(vocab, self.image_size, self.pixels_per_code, self.code_map.id_range())
         self.ids = {k: _vocab_id(vocab, n) for k, n in (
@@ -262,7 +238,7 @@ class Emu3Adapter(HFAdapter):
         from PIL import Image
 
         tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1).cpu()
-        self.code_map.to_codes(self.layout.code_grid(tokens))  # refuses non-code ids with a clear error
+        self.image_codes(tokens)  # refuses non-code ids with a clear error
         bad = self.layout.violations(tokens)
         if bad:
             raise ValueError(f"the sequence breaks the Emu3 layout at positions {bad[:5]}")

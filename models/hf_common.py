@@ -1,5 +1,6 @@
 """Pieces both Hugging Face adapters (Lumina-mGPT, Emu3) use: configs from mappings, checkpoint lookup,
-the name-based code map, byte-level tokenizers for tiny random configs, dtype names."""
+the name-based code map and the adapter set-up over it, the sizes and byte-level tokenizers of tiny
+random configs, dtype names."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from models.base import HFAdapter
 
 
 def config_from_mapping(cls: type, cfg: Mapping[str, Any]) -> Any:
@@ -27,6 +30,43 @@ def config_from_mapping(cls: type, cfg: Mapping[str, Any]) -> Any:
     if unknown:
         raise ValueError(f"unknown key(s) {unknown} in model config {cfg.get('name')!r}; allowed: {sorted(known)}")
     return cls(**cfg)
+
+
+@dataclass(frozen=True)
+class RandomSizes:
+    """Language-model sizes of a randomly initialised tiny HF model (same classes, real vocabulary ids and
+    layout); each family subclasses it to add its image codec's widths."""
+
+    hidden_size: int = 32
+    intermediate_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 2
+    max_position_embeddings: int = 4096
+
+    def text_config(self, vocab_size: int, bos_token_id: int, eos_token_id: int, pad_token_id: int) -> dict:
+        """The transformers text-config keys these sizes fix (multi-head attention: as many KV heads)."""
+        return {
+            "vocab_size": vocab_size, "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers, "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_attention_heads, "max_position_embeddings": self.max_position_embeddings,
+            "bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id,
+        }
+
+
+def settle_random_sizes(config: Any, sizes_cls: type[RandomSizes]) -> None:
+    """For a frozen config's ``__post_init__``: a YAML ``random_sizes`` mapping becomes ``sizes_cls``, and
+    ``random_init`` without sizes gets its defaults."""
+    if isinstance(config.random_sizes, Mapping):
+        object.__setattr__(config, "random_sizes", sizes_cls(**config.random_sizes))
+    if config.random_init and config.random_sizes is None:
+        object.__setattr__(config, "random_sizes", sizes_cls())
+
+
+def vocab_id(vocab: Mapping[str, int], name: str, tokenizer_kind: str) -> int:
+    """The id of token ``name``; a tokenizer without it is not of the family (``tokenizer_kind``: "an Emu3")."""
+    if name not in vocab:
+        raise KeyError(f"token {name!r} is missing from the vocabulary: is this {tokenizer_kind} tokenizer?")
+    return int(vocab[name])
 
 
 def resolve_checkpoint(path: str | None, local_files_only: bool, hint: str) -> Path:
@@ -111,6 +151,32 @@ class CodeMap:
 
     def to_ids(self, codes: torch.Tensor) -> torch.Tensor:
         return self.bpe_of_code[torch.as_tensor(codes, dtype=torch.long).cpu()]
+
+
+class CodeMappedAdapter(HFAdapter):
+    """An :class:`HFAdapter` over a full transformers checkpoint whose image codes are found by vocabulary
+    name (Lumina-mGPT, Emu3): the attributes both set up the same way."""
+
+    def _setup(self, model: Any, backbone: Any, tokenizer: Any, cfg: Any,
+               parse_code: Callable[[str], int | None]) -> dict[str, int]:
+        """Model, tokenizer, config fields and the code map; returns the vocabulary (name -> id)."""
+        self.name = cfg.name
+        self.cfg = cfg
+        self.model = model.eval()
+        self.backbone = backbone
+        self.lm_head = model.lm_head
+        self.tokenizer = tokenizer
+        self.sjd2_recipe: dict | None = None  # set by attach_sjd2_extras for SJD2 fine-tuned checkpoints
+        self.timestep_mlp: torch.nn.Module | None = None
+        self.image_size = int(cfg.image_size)
+        self.sampling_defaults = dict(cfg.sampling_defaults)
+        vocab = tokenizer.get_vocab()
+        self.code_map = CodeMap.from_vocab(vocab, parse_code, self.vocab_size)
+        return vocab
+
+    def image_codes(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Full image sequence [n_tokens] -> VQ codes [h, w] (mapped by name; a non-code id is an error)."""
+        return self.code_map.to_codes(self.layout.code_grid(torch.as_tensor(tokens).cpu()))
 
 
 def byte_level_tokenizer(names: Mapping[int, str], vocab_size: int, text_base: int, special: Mapping[str, str]):

@@ -40,15 +40,25 @@ from typing import Any
 
 import torch
 
-from models.base import HFAdapter, ImageLayout, Prefill, attach_sjd2_extras
-from models.chameleon_vqgan import ChameleonVQGAN, VQGANConfig, load_vqgan, pil_to_pixels, pixels_to_pil
+from models import hf_common
+from models.base import ImageLayout, Prefill, attach_sjd2_extras
+from models.chameleon_vqgan import (
+    VQ_HINT,
+    ChameleonVQGAN,
+    VQGANConfig,
+    load_vqgan,
+    pil_to_pixels,
+    pixels_to_pil,
+)
 from models.hf_common import (
     CodeMap,
+    CodeMappedAdapter,
     byte_level_tokenizer,
     config_from_mapping,
     load_tokenizer,
     read_checkpoint_config,
     resolve_checkpoint,
+    settle_random_sizes,
     torch_dtype,
 )
 
@@ -92,9 +102,7 @@ def resolution_name(n_units: int) -> str:
 
 
 def _vocab_id(vocab: Mapping[str, int], name: str) -> int:
-    if name not in vocab:
-        raise KeyError(f"token {name!r} is missing from the vocabulary: is this a Chameleon / Lumina-mGPT tokenizer?")
-    return int(vocab[name])
+    return hf_common.vocab_id(vocab, name, "a Chameleon / Lumina-mGPT")
 
 
 def lumina_layout(vocab: Mapping[str, int], image_size: int, code_range: tuple[int, int]) -> ImageLayout:
@@ -122,14 +130,9 @@ def lumina_layout(vocab: Mapping[str, int], image_size: int, code_range: tuple[i
 
 
 @dataclass(frozen=True)
-class RandomSizes:
-    """Sizes of a randomly initialised tiny Lumina-mGPT (same classes, real vocabulary and layout)."""
+class RandomSizes(hf_common.RandomSizes):
+    """Sizes of a randomly initialised tiny Lumina-mGPT: the language model's and its VQGAN's."""
 
-    hidden_size: int = 32
-    intermediate_size: int = 64
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 2
-    max_position_embeddings: int = 4096
     vq_ch: int = 8  # VQGAN base channels (Meta: 128)
     vq_z_channels: int = 8  # VQGAN latent / codebook width (Meta: 256)
     vq_norm_groups: int = 4  # VQGAN GroupNorm groups (Meta: 32)
@@ -153,10 +156,7 @@ class LuminaMGPTConfig:
     sampling_defaults: dict = field(default_factory=dict)  # the paper's sampling settings (informative)
 
     def __post_init__(self) -> None:
-        if isinstance(self.random_sizes, Mapping):
-            object.__setattr__(self, "random_sizes", RandomSizes(**self.random_sizes))
-        if self.random_init and self.random_sizes is None:
-            object.__setattr__(self, "random_sizes", RandomSizes())
+        settle_random_sizes(self, RandomSizes)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -262,16 +262,7 @@ def tiny_chameleon(sizes: RandomSizes, vocab: Mapping[str, int], vocab_size: int
     from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 
     config = ChameleonConfig(
-        vocab_size=vocab_size,
-        hidden_size=sizes.hidden_size,
-        intermediate_size=sizes.intermediate_size,
-        num_hidden_layers=sizes.num_hidden_layers,
-        num_attention_heads=sizes.num_attention_heads,
-        num_key_value_heads=sizes.num_attention_heads,
-        max_position_embeddings=sizes.max_position_embeddings,
-        bos_token_id=vocab[BOS_NAME],
-        eos_token_id=vocab[EOT_NAME],
-        pad_token_id=vocab[PAD_NAME],
+        **sizes.text_config(vocab_size, vocab[BOS_NAME], vocab[EOT_NAME], vocab[PAD_NAME]),
         vq_config={"base_channels": 32, "channel_multiplier": [1], "num_res_blocks": 1, "embed_dim": 8,
                    "latent_channels": 8, "num_embeddings": 8192},  # transformers' encoder-only VQ: unused
         vocabulary_map=dict(vocab),
@@ -283,23 +274,12 @@ def tiny_chameleon(sizes: RandomSizes, vocab: Mapping[str, int], vocab_size: int
 # Adapter
 
 
-class LuminaMGPTAdapter(HFAdapter):
+class LuminaMGPTAdapter(CodeMappedAdapter):
     """Lumina-mGPT through ``ChameleonForConditionalGeneration`` + Meta's VQGAN."""
 
     def __init__(self, model: Any, tokenizer: Any, vq: ChameleonVQGAN | None, cfg: LuminaMGPTConfig):
-        self.name = cfg.name
-        self.cfg = cfg
-        self.model = model.eval()
-        self.backbone = model.model  # ChameleonModel: no image-logit masking
-        self.lm_head = model.lm_head
-        self.tokenizer = tokenizer
+        vocab = self._setup(model, model.model, tokenizer, cfg, parse_code_name)  # ChameleonModel: no logit masking
         self.vq = vq.eval() if vq is not None else None
-        self.sjd2_recipe: dict | None = None  # set by attach_sjd2_extras for SJD2 fine-tuned checkpoints
-        self.timestep_mlp: torch.nn.Module | None = None
-        self.image_size = int(cfg.image_size)
-        self.sampling_defaults = dict(cfg.sampling_defaults)
-        vocab = tokenizer.get_vocab()
-        self.code_map = CodeMap.from_vocab(vocab, parse_code_name, self.vocab_size)
         self.layout = lumina_layout(vocab, self.image_size, self.code_map.id_range())
         self.bos_id = _vocab_id(vocab, BOS_NAME)
         self.eot_id = _vocab_id(vocab, EOT_NAME)
@@ -329,16 +309,11 @@ class LuminaMGPTAdapter(HFAdapter):
 
     # -- image codec -------------------------------------------------------------------------------
     def _need_vq(self) -> ChameleonVQGAN:
-        if self.vq is None:
-            from models.chameleon_vqgan import VQ_HINT
-
-            raise RuntimeError(f"model {self.name!r} has no image codec (model.vq_path is null); {VQ_HINT}")
-        return self.vq
+        return super()._need_vq(f"model {self.name!r} has no image codec (model.vq_path is null); {VQ_HINT}")
 
     def decode_image(self, tokens: torch.Tensor):
         """Full image sequence [n_tokens] -> PIL image (codes mapped by name, Meta's VQGAN decoder)."""
-        codes = self.code_map.to_codes(self.layout.code_grid(torch.as_tensor(tokens).cpu()))  # [h, w]
-        return pixels_to_pil(self._need_vq().decode(codes[None])[0])
+        return pixels_to_pil(self._need_vq().decode(self.image_codes(tokens)[None])[0])
 
     def encode_image(self, image: Any) -> torch.Tensor:
         """PIL image of exactly ``image_size`` px -> full image sequence [n_tokens]."""

@@ -138,9 +138,7 @@ class TinyAdapter(HFAdapter):
         return tuple(range(RESERVED_BASE, RESERVED_BASE + N_RESERVED))
 
     def _need_vq(self):
-        if self.vq is None:
-            raise RuntimeError(f"this tiny model has no image tokenizer loaded; {MAKE_HINT}")
-        return self.vq
+        return super()._need_vq(f"this tiny model has no image tokenizer loaded; {MAKE_HINT}")
 
     def decode_image(self, tokens: torch.Tensor):
         grid = self.layout.code_grid(tokens.cpu()) - CODE_BASE

@@ -20,16 +20,13 @@ from models.emu3 import (
     parse_visual_name,
     visual_name,
 )
-from tests.test_lumina_mgpt import CountingAdapter, window_rollback_matches_full
+from tests.hf_helpers import ar_decode_counts, attention_implementations_agree, random_config
 
 SIZES = RandomSizes()
 
 
 def _cfg(**kw) -> Emu3Config:
-    base = {"name": "emu3_test", "path": None, "image_size": 720, "dtype": "float32", "random_init": True,
-            "random_sizes": SIZES}
-    base.update(kw)
-    return Emu3Config(**base)
+    return random_config(Emu3Config, SIZES, {"name": "emu3_test", "image_size": 720, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -147,12 +144,7 @@ def test_encode_image_round_trips_shapes(emu64_shuffled):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_window_rollback_equals_full_recompute(emu64_shuffled, attn):
-    adapter, _ = emu64_shuffled
-    adapter.model.set_attn_implementation(attn)
-    try:
-        window_rollback_matches_full(adapter, "a red circle left of a blue square")
-    finally:
-        adapter.model.set_attn_implementation("sdpa")
+    attention_implementations_agree(emu64_shuffled[0], attn)
 
 
 def test_adapter_uses_backbone_and_head(emu64_shuffled):
@@ -229,19 +221,9 @@ def test_registry_and_yaml():
     assert real.sampling_defaults == {"cfg_scale": 3.0, "temperature": 1.0, "top_k": 2000, "top_p": 1.0}
 
 
-def _ar(adapter):
-    from decode.ar import ar_decode
-    from decode.sampling import SamplingConfig
-
-    counting = CountingAdapter(adapter)
-    result = ar_decode(counting, adapter.prompt("a red circle"), SamplingConfig(cfg_scale=3.0, top_k=2000),
-                       torch.Generator().manual_seed(0))
-    return counting.n_forwards, result
-
-
 def test_ar_decode_small_respects_layout(emu64_shuffled):
     adapter, _ = emu64_shuffled
-    n_forwards, result = _ar(adapter)
+    n_forwards, result = ar_decode_counts(adapter)
     assert n_forwards == result.n_forwards == 75
     assert adapter.layout.violations(result.tokens) == []
     assert adapter.decode_image(result.tokens).size == (64, 64)
@@ -249,6 +231,6 @@ def test_ar_decode_small_respects_layout(emu64_shuffled):
 
 @pytest.mark.slow
 def test_ar_decode_720_spends_8193_forwards(emu720):
-    n_forwards, result = _ar(emu720)
+    n_forwards, result = ar_decode_counts(emu720)
     assert n_forwards == 8193 and result.tokens.numel() == 8193
     assert emu720.layout.violations(result.tokens) == []

@@ -21,15 +21,13 @@ from models.lumina_mgpt import (
     load,
     parse_code_name,
 )
+from tests.hf_helpers import ar_decode_counts, attention_implementations_agree, random_config
 
 SIZES = RandomSizes()
 
 
 def _cfg(**kw) -> LuminaMGPTConfig:
-    base = {"name": "lumina_test", "path": None, "image_size": 768, "dtype": "float32", "random_init": True,
-            "random_sizes": SIZES}
-    base.update(kw)
-    return LuminaMGPTConfig(**base)
+    return random_config(LuminaMGPTConfig, SIZES, {"name": "lumina_test", "image_size": 768, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -148,51 +146,9 @@ def test_decode_and_encode_map_codes_by_name(lumina64_shuffled):
 # Cache: windowed forward + rollback == full recompute, CFG streams, no NaN
 
 
-def window_rollback_matches_full(adapter, text: str, n_after: int = 12, atol: float = 1e-4) -> None:
-    pf = adapter.prompt(text, cfg=True)
-    t = pf.input_ids.shape[1]
-    lay = adapter.layout
-    g = torch.Generator().manual_seed(0)
-    after = torch.randint(lay.code_start, lay.code_stop, (n_after,), generator=g)
-    full_ids = torch.cat([pf.input_ids, after.expand(2, -1)], 1)  # [2, T + N]
-    full_mask = torch.cat([pf.attention_mask, torch.ones(2, n_after, dtype=torch.long)], 1)
-    ref, _ = adapter.forward(adapter.embed(full_ids), None, full_mask)  # [2, T + N, V]
-    assert torch.isfinite(ref).all()
-
-    logits, cache = adapter.forward(adapter.embed(pf.input_ids), None, pf.attention_mask)
-    assert torch.isfinite(logits).all()
-    torch.testing.assert_close(logits[:, -1], ref[:, t - 1], atol=atol, rtol=0)
-    mask, done = pf.attention_mask, 0
-
-    def feed(ids: torch.Tensor):
-        nonlocal mask, cache
-        mask = torch.cat([mask, torch.ones(2, ids.numel(), dtype=torch.long)], 1)
-        out, cache = adapter.forward(adapter.embed(ids.expand(2, -1)), cache, mask)
-        assert torch.isfinite(out).all()
-        return out
-
-    out = feed(after[:4])  # a window of 4 committed tokens
-    torch.testing.assert_close(out, ref[:, t : t + 4], atol=atol, rtol=0)
-    wrong = torch.randint(lay.code_start, lay.code_stop, (3,), generator=g)
-    out = feed(torch.cat([after[4:6], wrong]))  # 2 right, 3 rejected drafts
-    torch.testing.assert_close(out[:, :2], ref[:, t + 4 : t + 6], atol=atol, rtol=0)
-    cache = adapter.rollback(cache, 3)
-    mask = mask[:, :-3]
-    assert cache.get_seq_length() == t + 6
-    out = feed(after[6:])
-    torch.testing.assert_close(out, ref[:, t + 6 :], atol=atol, rtol=0)
-    done = t + n_after
-    assert cache.get_seq_length() == done
-
-
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_window_rollback_equals_full_recompute(lumina64_shuffled, attn):
-    adapter, _ = lumina64_shuffled
-    adapter.model.set_attn_implementation(attn)
-    try:
-        window_rollback_matches_full(adapter, "a red circle left of a blue square")
-    finally:
-        adapter.model.set_attn_implementation("sdpa")
+    attention_implementations_agree(lumina64_shuffled[0], attn)
 
 
 def test_image_logits_are_not_masked(lumina768):
@@ -351,33 +307,9 @@ def test_registry_and_yaml(lumina768):
         load_adapter({**OmegaConf.to_container(raw), "imagesize": 3})
 
 
-class CountingAdapter:
-    """Forwards every attribute to the adapter and counts model forwards."""
-
-    def __init__(self, inner):
-        self.inner, self.n_forwards = inner, 0
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def forward(self, *args, **kwargs):
-        self.n_forwards += 1
-        return self.inner.forward(*args, **kwargs)
-
-
-def _ar_decode_counts(adapter):
-    from decode.ar import ar_decode
-    from decode.sampling import SamplingConfig
-
-    counting = CountingAdapter(adapter)
-    result = ar_decode(counting, adapter.prompt("a red circle"), SamplingConfig(cfg_scale=3.0, top_k=2000),
-                       torch.Generator().manual_seed(0))
-    return counting.n_forwards, result
-
-
 def test_ar_decode_small_respects_layout(lumina64_shuffled):
     adapter, _ = lumina64_shuffled
-    n_forwards, result = _ar_decode_counts(adapter)
+    n_forwards, result = ar_decode_counts(adapter)
     assert n_forwards == result.n_forwards == adapter.layout.n_tokens == 25
     assert adapter.layout.violations(result.tokens) == []
     assert adapter.decode_image(result.tokens).size == (64, 64)
@@ -385,7 +317,7 @@ def test_ar_decode_small_respects_layout(lumina64_shuffled):
 
 def test_ar_decode_768_spends_2357_forwards(lumina768):
     start = time.perf_counter()
-    n_forwards, result = _ar_decode_counts(lumina768)
+    n_forwards, result = ar_decode_counts(lumina768)
     assert n_forwards == 2357 and result.tokens.numel() == 2357
     assert lumina768.layout.violations(result.tokens) == []
     assert lumina768.decode_image(result.tokens).size == (768, 768)
