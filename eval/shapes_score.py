@@ -16,7 +16,7 @@ def check_images(run_dir: Path, records: Sequence[Mapping[str, Any]]) -> list[di
     """Per image: {idx, sample, category, correct}, read from ``run_dir / record["image"]``."""
     from PIL import Image
 
-    from data.shapes import check
+    from data.shapes_check import check
 
     out = []
     for r in records:
@@ -33,7 +33,7 @@ def check_images(run_dir: Path, records: Sequence[Mapping[str, Any]]) -> list[di
 
 def shapes_scores(run_dir: Path, records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """``shapes_overall``, ``shapes_accuracy`` and ``shapes_<category>`` of one run."""
-    from data.shapes import score
+    from data.shapes_check import score
 
     checked = check_images(run_dir, records)
     per = score(checked)

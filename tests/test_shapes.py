@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from data import shapes as S
+from data import shapes_check as C
 
 N_SCENES = 300
 
@@ -21,9 +22,9 @@ def examples():
 
 def test_ground_truth_scores_one_overall_and_per_category(examples):
     captions, cats, images, _ = examples
-    results = [S.check(img, cap) for img, cap in zip(images, captions)]
+    results = [C.check(img, cap) for img, cap in zip(images, captions)]
     assert [r["category"] for r in results] == cats
-    scores = S.score(results)
+    scores = C.score(results)
     assert set(scores) == set(S.CATEGORIES) | {"overall"}
     for name, value in scores.items():
         assert value >= 0.99, (name, value)
@@ -32,40 +33,40 @@ def test_ground_truth_scores_one_overall_and_per_category(examples):
 def test_checker_accepts_pil_and_other_sizes(examples):
     captions, _, images, scenes = examples
     for i in range(12):
-        assert S.check(S.to_pil(images[i]), captions[i])["correct"]
-        assert S.check(S.render(scenes[i], size=128), captions[i])["correct"]
+        assert C.check(S.to_pil(images[i]), captions[i])["correct"]
+        assert C.check(S.render(scenes[i], size=128), captions[i])["correct"]
 
 
 def test_mismatched_pairs_score_low(examples):
     captions, _, images, _ = examples
     shifted = captions[7:] + captions[:7]  # each image judged against another example's caption
-    results = [S.check(img, cap) for img, cap in zip(images, shifted)]
-    assert S.score(results)["overall"] < 0.35
+    results = [C.check(img, cap) for img, cap in zip(images, shifted)]
+    assert C.score(results)["overall"] < 0.35
     # the specific categories must fail almost always
     for cat in ("position", "color_attr"):
-        assert S.score(results)[cat] < 0.15
+        assert C.score(results)[cat] < 0.15
 
 
 def test_blank_image_satisfies_nothing():
     blank = np.full((64, 64, 3), 255, np.uint8)
     for row in S.load_eval_prompts()[:30]:
-        assert not S.check(blank, row["prompt"])["correct"]
+        assert not C.check(blank, row["prompt"])["correct"]
 
 
 def test_checker_reads_shape_colour_and_relation():
     a = S.Obj("circle", "red", 12, 32, 16)
     b = S.Obj("triangle", "blue", 52, 32, 16)
     img = S.render(S.Scene((a, b)))
-    found = sorted((o["shape"], o["color"]) for o in S.check(img, "a circle")["found"])
+    found = sorted((o["shape"], o["color"]) for o in C.check(img, "a circle")["found"])
     assert found == [("circle", "red"), ("triangle", "blue")]
-    assert S.check(img, "a circle left of a triangle")["correct"]
-    assert not S.check(img, "a circle right of a triangle")["correct"]
-    assert not S.check(img, "a circle above a triangle")["correct"]
-    assert S.check(img, "a red circle and a blue triangle")["correct"]
-    assert not S.check(img, "a blue circle and a red triangle")["correct"]
-    assert not S.check(img, "two circles")["correct"]
-    assert S.check(img, "one circle")["correct"]
-    assert not S.check(img, "a square")["correct"]
+    assert C.check(img, "a circle left of a triangle")["correct"]
+    assert not C.check(img, "a circle right of a triangle")["correct"]
+    assert not C.check(img, "a circle above a triangle")["correct"]
+    assert C.check(img, "a red circle and a blue triangle")["correct"]
+    assert not C.check(img, "a blue circle and a red triangle")["correct"]
+    assert not C.check(img, "two circles")["correct"]
+    assert C.check(img, "one circle")["correct"]
+    assert not C.check(img, "a square")["correct"]
 
 
 def test_objects_disjoint_with_margin_and_inside_canvas(examples):
@@ -75,7 +76,7 @@ def test_objects_disjoint_with_margin_and_inside_canvas(examples):
         assert 1 <= len(scene.objects) <= 4
         for o in scene.objects:
             assert o.size / 2 <= o.cx <= 64 - o.size / 2 and o.size / 2 <= o.cy <= 64 - o.size / 2
-        assert len(S.detect(img)) == len(scene.objects)
+        assert len(C.detect(img)) == len(scene.objects)
 
 
 def test_scene_matches_spec(examples):
@@ -109,7 +110,7 @@ def test_outside_grammar_raises(caption):
     with pytest.raises(ValueError, match="grammar"):
         S.parse_caption(caption)
     with pytest.raises(ValueError, match="grammar"):
-        S.check(np.full((64, 64, 3), 255, np.uint8), caption)
+        C.check(np.full((64, 64, 3), 255, np.uint8), caption)
 
 
 def test_parse_round_trips_canonical_text():
@@ -141,7 +142,7 @@ def test_determinism():
 
 
 def test_render_is_flat_palette():
-    caption, _, scene = S.example(1, 0)
+    _, _, scene = S.example(1, 0)
     img = S.render(scene)
     assert img.dtype == np.uint8 and img.shape == (64, 64, 3)
     palette = {S.BACKGROUND, *S.COLORS.values()}
@@ -152,7 +153,7 @@ def test_colours_well_separated():
     cols = np.array([S.BACKGROUND, *S.COLORS.values()], dtype=float)
     d = np.sqrt(((cols[:, None] - cols[None]) ** 2).sum(-1))
     assert len(S.COLORS) >= 6
-    assert d[~np.eye(len(cols), dtype=bool)].min() > S.COLOR_THRESHOLD
+    assert d[~np.eye(len(cols), dtype=bool)].min() > C.COLOR_THRESHOLD
 
 
 def test_eval_prompts_file():

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from data import shapes as S
+from data import shapes_check as C
 from models.shapes_vq import DEFAULT_N_CODES, PatchVQ, fit
 
 
@@ -41,7 +42,7 @@ def test_shapes_and_dtypes(vq):
 def test_round_trip_keeps_checker_score(vq, held_out):
     captions, images = held_out
     recon = vq.decode_array(vq.encode_batch(images))  # [N, 64, 64, 3]
-    scores = S.score([S.check(img, cap) for img, cap in zip(recon, captions)])
+    scores = C.score([C.check(img, cap) for img, cap in zip(recon, captions)])
     assert scores["overall"] >= 0.95, scores
     mse = float(((recon.astype(np.float64) - images) ** 2).mean())
     assert 10 * np.log10(255**2 / max(mse, 1e-12)) > 28.0

@@ -142,7 +142,7 @@ def train(adapter, ids: torch.Tensor, p_max: int, cfg: RecipeConfig, out: Path) 
 
 def evaluate(adapter, n_prompts: int, cfg_scale: float, top_k: int, seed: int) -> dict:
     """AR sampling with CFG on the first ``n_prompts`` shapes evaluation prompts (balanced) -> scores."""
-    from data import shapes
+    from data import shapes, shapes_check
     from decode.api import generate
     from decode.sampling import SamplingConfig
 
@@ -152,7 +152,7 @@ def evaluate(adapter, n_prompts: int, cfg_scale: float, top_k: int, seed: int) -
     for rec in tqdm(prompts, desc="eval tiny (AR+CFG)", dynamic_ncols=True):
         g = torch.Generator().manual_seed(seed * 100003 + rec["idx"])
         res = generate(adapter, rec["prompt"], {"name": "ar"}, sampling, g)
-        ok = shapes.check(adapter.decode_image(res.tokens), rec["prompt"])["correct"]
+        ok = shapes_check.check(adapter.decode_image(res.tokens), rec["prompt"])["correct"]
         per_cat.setdefault(rec["category"], []).append(bool(ok))
     scores = {c: float(np.mean(v)) for c, v in per_cat.items()}
     scores["overall"] = float(np.mean(list(scores.values())))
