@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,6 @@ from models.hf_common import (
     load_tokenizer,
     read_checkpoint_config,
     resolve_checkpoint,
-    settle_random_sizes,
     torch_dtype,
 )
 
@@ -120,27 +119,22 @@ class RandomSizes(hf_common.RandomSizes):
 
 
 @dataclass(frozen=True)
-class Emu3Config:
-    """``conf/model/emu3*.yaml`` (keys 1:1)."""
+class Emu3Config(hf_common.HFModelConfig):
+    """``conf/model/emu3*.yaml`` (keys 1:1): the shared keys, then the prompt suffixes and pixel normalisation."""
+
+    sizes_class = RandomSizes
 
     family: str = "emu3"
     name: str = "emu3_720"
-    path: str | None = "BAAI/Emu3-Gen-hf"  # hub id (cached) or local folder
-    image_size: int = 720  # pixels, square, multiple of 8
-    device: str = "cpu"
-    dtype: str = "bfloat16"
-    local_files_only: bool = True  # never download unless false
-    random_init: bool = False  # true: tiny random model + tokenizer built in code (tests)
+    path: str | None = "BAAI/Emu3-Gen-hf"
+    image_size: int = 720  # multiple of 8
     positive_suffix: str = POSITIVE_SUFFIX  # appended to every prompt at inference
     negative_prompt: str = NEGATIVE_PROMPT  # the CFG stream's text
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # VQ-VAE pixel normalisation ([-1, 1])
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    seed: int = 0  # random_init only
-    random_sizes: RandomSizes | None = None  # random_init only
-    sampling_defaults: dict = field(default_factory=dict)  # the paper's sampling settings (informative)
 
     def __post_init__(self) -> None:
-        settle_random_sizes(self, RandomSizes)
+        super().__post_init__()
         object.__setattr__(self, "image_mean", tuple(float(x) for x in self.image_mean))
         object.__setattr__(self, "image_std", tuple(float(x) for x in self.image_std))
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -53,13 +53,31 @@ class RandomSizes:
         }
 
 
-def settle_random_sizes(config: Any, sizes_cls: type[RandomSizes]) -> None:
-    """For a frozen config's ``__post_init__``: a YAML ``random_sizes`` mapping becomes ``sizes_cls``, and
-    ``random_init`` without sizes gets its defaults."""
-    if isinstance(config.random_sizes, Mapping):
-        object.__setattr__(config, "random_sizes", sizes_cls(**config.random_sizes))
-    if config.random_init and config.random_sizes is None:
-        object.__setattr__(config, "random_sizes", sizes_cls())
+@dataclass(frozen=True)
+class HFModelConfig:
+    """The ``conf/model/*.yaml`` keys every Hugging Face family has (keys 1:1). A family subclasses it with
+    its defaults for the first four keys, its own keys and its ``sizes_class``."""
+
+    sizes_class: ClassVar[type[RandomSizes]] = RandomSizes
+
+    family: str
+    name: str
+    path: str | None  # hub id (cached) or local folder
+    image_size: int  # pixels, square
+    device: str = "cpu"
+    dtype: str = "bfloat16"
+    local_files_only: bool = True  # never download unless false
+    random_init: bool = False  # true: tiny random model + tokenizer built in code (tests)
+    seed: int = 0  # random_init only
+    random_sizes: RandomSizes | None = None  # random_init only
+    sampling_defaults: dict = field(default_factory=dict)  # the paper's sampling settings (informative)
+
+    def __post_init__(self) -> None:
+        """A YAML ``random_sizes`` mapping becomes ``sizes_class``; ``random_init`` without sizes gets its defaults."""
+        if isinstance(self.random_sizes, Mapping):
+            object.__setattr__(self, "random_sizes", self.sizes_class(**self.random_sizes))
+        if self.random_init and self.random_sizes is None:
+            object.__setattr__(self, "random_sizes", self.sizes_class())
 
 
 def vocab_id(vocab: Mapping[str, int], name: str, tokenizer_kind: str) -> int:

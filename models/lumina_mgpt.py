@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,6 @@ from models.hf_common import (
     load_tokenizer,
     read_checkpoint_config,
     resolve_checkpoint,
-    settle_random_sizes,
     torch_dtype,
 )
 
@@ -139,24 +138,16 @@ class RandomSizes(hf_common.RandomSizes):
 
 
 @dataclass(frozen=True)
-class LuminaMGPTConfig:
-    """``conf/model/lumina_mgpt*.yaml`` (keys 1:1)."""
+class LuminaMGPTConfig(hf_common.HFModelConfig):
+    """``conf/model/lumina_mgpt*.yaml`` (keys 1:1): the shared keys, then the VQGAN folder."""
+
+    sizes_class = RandomSizes
 
     family: str = "lumina_mgpt"
     name: str = "lumina_mgpt_768"
-    path: str | None = "Alpha-VLLM/Lumina-mGPT-7B-768"  # hub id (cached) or local folder
-    image_size: int = 768  # pixels, square, multiple of 32
-    device: str = "cpu"
-    dtype: str = "bfloat16"
-    local_files_only: bool = True  # never download unless false
-    random_init: bool = False  # true: tiny random model + tokenizer built in code (tests)
+    path: str | None = "Alpha-VLLM/Lumina-mGPT-7B-768"
+    image_size: int = 768  # multiple of 32
     vq_path: str | None = None  # folder with Meta's vqgan.yaml + vqgan.ckpt; null: no image codec
-    seed: int = 0  # random_init only
-    random_sizes: RandomSizes | None = None  # random_init only
-    sampling_defaults: dict = field(default_factory=dict)  # the paper's sampling settings (informative)
-
-    def __post_init__(self) -> None:
-        settle_random_sizes(self, RandomSizes)
 
 
 # ---------------------------------------------------------------------------------------------------
