@@ -1,7 +1,7 @@
 """Plain autoregressive decoding: one token per forward, the reference every other decoder must match.
 
-Also holds the small steps every decoder shares (generator check, prefill), so that SJD and SJD2 start
-from exactly the same state as AR.
+The steps every decoder shares (generator check, prefill, mask growth) live in :mod:`decode.window`, so
+that SJD and SJD2 start from exactly the same state as AR.
 """
 from __future__ import annotations
 
