@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from core.config import compose_config
+from core.rundir import CONF_DIR
 from train.config import DATA_SOURCES, DataConfig, train_config_from_dict
 from train.loop import FitResult, fit
-
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 class ShardRecords:
@@ -146,11 +146,7 @@ def run(cfg: DictConfig) -> FitResult:
 
 def compose(overrides: Sequence[str] = ()) -> DictConfig:
     """``conf/train.yaml`` composed with Hydra overrides, outside a Hydra app (tests)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=list(overrides))
+    return compose_config(overrides, config_name="train")
 
 
 def main() -> None:
