@@ -9,8 +9,8 @@ import yaml
 from omegaconf import OmegaConf
 
 import decode.run  # noqa: F401  (registers the run_key resolver that out_dir uses)
-from core.rundir import CONF_DIR
 from core.config import compose_config
+from core.rundir import CONF_DIR
 
 PRIMARIES = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
+from core.config import compose_config
 from core.rundir import image_seed, read_records
 from data.prompts import PromptSetError, load_prompts
-from core.config import compose_config
 from decode.run import RunDirConflict, decode_run, resolve_shard, run_key
 
 REPO = Path(__file__).resolve().parents[1]
@@ -275,21 +275,6 @@ def test_prompt_file_formats(tmp_path):
         load_prompts(compose_config(["prompts=coco2017_5k"]).prompts)
 
 
-# The benchmark's own prompt file, laid beside the repository (the project does not commit a copy).
-GENEVAL_FILE = REPO.parent / "shared" / "data" / "geneval" / "evaluation_metadata.jsonl"
-
-
-def test_geneval_prompts_match_the_benchmark():
-    prompts = load_prompts(compose_config(["prompts=geneval", f"prompts.path={GENEVAL_FILE}"]).prompts)
-    counts = {}
-    for p in prompts:
-        counts[p.category] = counts.get(p.category, 0) + 1
-    assert len(prompts) == 553
-    assert counts == {"single_object": 80, "two_object": 99, "counting": 80, "colors": 94, "position": 100,
-                      "color_attr": 100}
-    assert prompts[0].meta["include"] and prompts[0].prompt == prompts[0].meta["prompt"]
-
-
 def _coco_file(path: Path, n_images: int, caps_per_image: int) -> Path:
     anns, rng = [], np.random.default_rng(1)
     for img in range(n_images):
@@ -320,25 +305,6 @@ def test_coco2014_sample_is_seeded_and_draws_distinct_images(tmp_path):
     assert len({p.meta["image_id"] for p in a}) == 30
     with pytest.raises(PromptSetError, match="fewer than prompts.n"):
         load_prompts({**cfg, "n": 41})
-
-
-def test_geneval_folder_contract(tmp_path, adapter):
-    from decode.api import generate
-
-    def shapes_text(adapter, text, decoder_cfg, sampling, generator):  # GenEval words are not in tiny's vocab
-        return generate(adapter, "a circle", decoder_cfg, sampling, generator)
-
-    out = tmp_path / "run"
-    decode_run(decode_cfg(out, "prompts=geneval", f"prompts.path={GENEVAL_FILE}", "prompts.limit=2",
-                          "prompts.images_per_prompt=2"), adapter=adapter, generate_fn=shapes_text)
-    lines = GENEVAL_FILE.read_text().splitlines()
-    for i in range(2):
-        folder = out / "geneval" / f"{i:05d}"
-        assert json.loads((folder / "metadata.jsonl").read_text()) == json.loads(lines[i])
-        for j in range(2):
-            assert (folder / "samples" / f"{j:04d}.png").read_bytes() == (out / f"images/{i:06d}_{j:02d}.png").read_bytes()
-    seeds = {r["seed"] for r in read_records(out / "samples.jsonl")}
-    assert len(seeds) == 4
 
 
 # ---------------------------------------------------------------------------------------------------
