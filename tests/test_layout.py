@@ -1,5 +1,5 @@
 """The house's rules, read off the source (README "Layout"): stages on top, decoders over the adapter
-protocol, models at the bottom; no import circles."""
+protocol, models at the bottom; no import circles; no file over 400 lines."""
 
 import ast
 from pathlib import Path
@@ -71,3 +71,11 @@ def test_decoders_are_siblings_over_the_window_module():
     g = graph()
     decoders = {"decode.ar", "decode.sjd", "decode.sjd2"}
     assert not [(m, i) for m in decoders for i in g[m] if i in decoders]
+
+
+MAX_LINES = 400
+
+
+def test_no_file_over_the_line_limit():
+    long = {str(p.relative_to(REPO)): n for p in sources() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"files over {MAX_LINES} lines: {long}"
