@@ -194,6 +194,7 @@ def make_record(prompt: Prompt, sample: int, seed: int, image: str, timed: Timed
                 conf: Mapping[str, Any], shard: int) -> dict[str, Any]:
     """The JSON line of one image (every field eval needs to recompute its metrics)."""
     res = timed.result
+    coco = {f"coco_{k}": prompt.meta[k] for k in ("image_id", "file_name") if k in (prompt.meta or {})}
     return {
         "idx": prompt.idx,
         "sample": sample,
@@ -212,6 +213,7 @@ def make_record(prompt: Prompt, sample: int, seed: int, image: str, timed: Timed
         "tokens": torch.as_tensor(res.tokens).reshape(-1).tolist(),
         "shard": shard,
         "extra": _json_safe(getattr(res, "extra", {}) or {}),
+        **coco,  # COCO prompt sets: the val image this caption belongs to (FID's reference matching)
     }
 
 
