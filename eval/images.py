@@ -65,3 +65,19 @@ def warn_unreadable(metric: str, unreadable: Unreadable) -> None:
         more = f" and {len(unreadable.items) - 1} more" if len(unreadable.items) > 1 else ""
         print(f"warning: {metric}: {len(unreadable.items)} unreadable image(s), skipped: {path} ({why}){more}; "
               "re-decode them (remove their lines from samples*.jsonl and run decode again)", file=sys.stderr)
+
+
+def per_image_path(run_dir: str | Path, metric: str) -> Path:
+    """``<run_dir>/per_image_<metric>.jsonl``: one line per scored image (the paired comparisons read it)."""
+    return Path(run_dir) / f"per_image_{metric}.jsonl"
+
+
+def write_per_image(run_dir: str | Path, metric: str, rows: Sequence[Mapping[str, Any]]) -> Path:
+    """Write the per-image values of ``metric`` (each row: ``idx``, ``sample`` and the values), atomically."""
+    import json
+
+    from core.rundir import atomic_write_bytes
+
+    path = per_image_path(run_dir, metric)
+    atomic_write_bytes(path, "".join(json.dumps(dict(r)) + "\n" for r in rows).encode())
+    return path
