@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q "$(TORCH)"
 	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation "$(DEEPSPEED)"
-	$(PIP) install -q -e ".[train,test]"
+	$(PIP) install -q -e ".[train,test,launch]"
 	touch $@
 
 install: $(VENV)/.installed ## create .venv: torch first, then the project with train+test extras

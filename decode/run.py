@@ -55,22 +55,35 @@ class RunDirConflict(RuntimeError):
 # Shards, folder names, config composition
 
 
+# (rank, world size, local rank) variables of each launcher, first match wins: torchrun, submitit's local
+# launcher (hydra/launcher=submitit_local with tasks_per_node), SLURM (srun, submitit on SLURM)
+LAUNCHER_ENV = (
+    ("RANK", "WORLD_SIZE", "LOCAL_RANK"),
+    ("SUBMITIT_LOCAL_GLOBALID", "SUBMITIT_LOCAL_NTASKS", "SUBMITIT_LOCAL_LOCALID"),
+    ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+)
+
+
+def _launcher_env(env: Mapping[str, str]) -> tuple[int, int, str | None]:
+    for rank, size, local in LAUNCHER_ENV:
+        if env.get(size):
+            return int(env.get(rank) or 0), int(env[size]), env.get(local)
+    return 0, 1, None
+
+
 def resolve_shard(index: int | None, count: int | None, env: Mapping[str, str] | None = None) -> tuple[int, int]:
-    """(rank, world size): explicit values win, else torchrun's RANK/WORLD_SIZE, else SLURM's, else (0, 1)."""
-    env = os.environ if env is None else env
-    if count is None:
-        count = int(env.get("WORLD_SIZE") or env.get("SLURM_NTASKS") or 1)
-    if index is None:
-        index = int(env.get("RANK") or env.get("SLURM_PROCID") or 0)
+    """(rank, world size): explicit values win, else the launcher's variables (:data:`LAUNCHER_ENV`), else (0, 1)."""
+    rank, size, _ = _launcher_env(os.environ if env is None else env)
+    count = size if count is None else count
+    index = rank if index is None else index
     if not 0 <= int(index) < int(count):
         raise ValueError(f"shard.index={index} is outside [0, shard.count={count}); fix shard.index/shard.count")
     return int(index), int(count)
 
 
 def select_local_gpu(env: Mapping[str, str] | None = None) -> int | None:
-    """Make ``cuda`` mean this process's GPU under torchrun (LOCAL_RANK) or SLURM (SLURM_LOCALID)."""
-    env = os.environ if env is None else env
-    local = env.get("LOCAL_RANK") or env.get("SLURM_LOCALID")
+    """Make ``cuda`` mean this process's GPU under torchrun, submitit or SLURM (their local rank)."""
+    _, _, local = _launcher_env(os.environ if env is None else env)
     if local is None or not torch.cuda.is_available():
         return None
     index = int(local) % torch.cuda.device_count()
