@@ -24,6 +24,9 @@ from core.config import compose_config
 from core.rundir import CONF_DIR
 from train.config import DATA_SOURCES, DataConfig, train_config_from_dict
 from train.loop import FitResult, fit
+from train.schema import register
+
+register()
 
 
 class ShardRecords:
