@@ -1,9 +1,11 @@
-"""The shapes checker (GenEval's rules on :mod:`data.shapes` images), apart from the world it reads.
+"""The shapes checker: GenEval's rules (:mod:`data.geneval_rules`) over a shapes detector, on pixels only.
 
-``check`` reads pixels only: nearest palette colour per pixel, connected components per colour,
-shape per component by IoU with the circle / square / triangle that fills its bounding box, then the
-caption's spec is evaluated like GenEval ("a X": at least one; a number: exactly that many; a colour:
-that many of the shape have the colour; a relation: some pair's centres satisfy it).
+The detector: nearest palette colour per pixel, connected components per colour, shape per component
+by IoU with the circle / square / triangle that fills its bounding box; each component is a
+:class:`Detection` (class = shape name, colour = palette colour, box, mask, score 1.0). A caption is
+turned into GenEval metadata (:func:`caption_metadata`) and judged by the same rules as GenEval prompts.
+All scores are 1.0, so the rules' tie order decides which objects a colour / position clause looks at:
+larger area first, then the order of :func:`detect` (components by their box's top edge, then left edge).
 """
 from __future__ import annotations
 
@@ -12,14 +14,15 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from data.geneval_rules import Detection
+from data.geneval_rules import evaluate as evaluate_rules
+from data.geneval_rules import score as score_rules
 from data.shapes import (
     BACKGROUND,
     CATEGORIES,
     COLORS,
     IMAGE_SIZE,
     SHAPES,
-    Phrase,
-    Spec,
     parse_caption,
     shape_mask,
 )
@@ -27,7 +30,6 @@ from data.shapes import (
 COLOR_THRESHOLD = 90.0  # max RGB distance to the nearest palette colour; farther pixels count as background
 MIN_AREA_PX = 64  # components smaller than this are specks (objects are 16 px: >= 128 px; a 4x4 code is 16 px)
 MIN_SHAPE_IOU = 0.6  # a component matching no template this well is an unknown shape
-RELATION_MARGIN_PX = 6.0  # centres must differ by this much along the relation's axis
 
 _PALETTE = np.array([BACKGROUND] + list(COLORS.values()), dtype=np.float32)  # [1 + C, 3]; 0 = background
 
@@ -72,12 +74,14 @@ def _classify_shape(mask: np.ndarray) -> tuple[str, float]:
     return (best if best_iou >= MIN_SHAPE_IOU else "unknown"), best_iou
 
 
-def detect(image) -> list[dict]:
-    """Detected objects: [{shape, color, cx, cy, w, h, area, iou}] in 64-px coordinates."""
+def components(image) -> list[dict]:
+    """Detected objects: [{shape, color, cx, cy, w, h, area, iou, box, mask}] in 64-px coordinates.
+
+    Ordered by the box's top edge, then its left edge (the tie order of equal-area objects).
+    """
     labels = classify_pixels(_as_array(image))
-    names = list(COLORS)
     found = []
-    for k, colour in enumerate(names, start=1):
+    for k, colour in enumerate(COLORS, start=1):
         comp, _ = ndimage.label(labels == k)
         for i, sl in enumerate(ndimage.find_objects(comp), start=1):
             mask = comp[sl] == i
@@ -86,47 +90,57 @@ def detect(image) -> list[dict]:
                 continue
             shape, iou = _classify_shape(mask)
             ys, xs = sl
+            full = np.zeros(labels.shape, dtype=bool)
+            full[sl] = mask
             found.append({
                 "shape": shape, "color": colour,
                 "cx": (xs.start + xs.stop) / 2, "cy": (ys.start + ys.stop) / 2,
                 "w": xs.stop - xs.start, "h": ys.stop - ys.start, "area": area, "iou": round(iou, 3),
+                "box": (float(xs.start), float(ys.start), float(xs.stop), float(ys.stop)), "mask": full,
             })
-    return found
+    return sorted(found, key=lambda o: (o["box"][1], o["box"][0]))
 
 
-def _matches(p: Phrase, objs: list[dict]) -> list[dict]:
-    return [o for o in objs if o["shape"] == p.shape and (p.color is None or o["color"] == p.color)]
+def _to_detection(o: dict) -> Detection:
+    return Detection(o["shape"], 1.0, o["box"], o["mask"], o["color"])
 
 
-def relation_holds(a: dict, b: dict, relation: str) -> bool:
-    """``a <relation> b`` between centres: offset along the axis > margin and dominant over the other axis."""
-    dx, dy = b["cx"] - a["cx"], b["cy"] - a["cy"]  # image y grows downwards
-    axes = {"left of": (dx, dy), "right of": (-dx, dy), "above": (dy, dx), "below": (-dy, dx)}
-    along, across = axes[relation]
-    return along > RELATION_MARGIN_PX and along > abs(across)
+def detect(image) -> list[Detection]:
+    """The shapes detector (the ``Detector`` of :mod:`data.geneval_rules`): one Detection per component."""
+    return [_to_detection(o) for o in components(image)]
 
 
-def evaluate(spec: Spec, objs: list[dict]) -> bool:
-    """GenEval-style decision of ``spec`` over detected objects."""
-    groups = [_matches(p, objs) for p in spec.phrases]
-    for p, g in zip(spec.phrases, groups):
-        if (p.count is None and not g) or (p.count is not None and len(g) != p.count):
-            return False
-    if spec.relation is None:
-        return True
-    return any(relation_holds(a, b, spec.relation) for a in groups[0] for b in groups[1] if a is not b)
+def caption_metadata(caption: str) -> dict:
+    """A shapes caption as a GenEval metadata line {tag, include, exclude, prompt}.
+
+    "a X" -> include X >= 1; a number n -> include n and exclude n + 1 (exactly n, GenEval's counting);
+    a colour -> the clause's ``color``; "A rel B" -> include B, then A with ``position: [rel, 0]``.
+    """
+    spec = parse_caption(caption)
+    phrases = spec.phrases[::-1] if spec.relation else spec.phrases
+    include, exclude = [], []
+    for p in phrases:
+        clause = {"class": p.shape, "count": p.count or 1}
+        if p.color:
+            clause["color"] = p.color
+        include.append(clause)
+        if p.count is not None:
+            exclude.append({"class": p.shape, "count": p.count + 1})
+    if spec.relation:
+        include[1]["position"] = [spec.relation, 0]
+    return {"tag": spec.category, "include": include, "exclude": exclude, "prompt": caption}
 
 
 def check(image, caption: str) -> dict:
-    """Score an image against its caption from pixels: {"category", "correct", "found"}."""
-    spec = parse_caption(caption)
-    found = detect(image)
-    return {"category": spec.category, "correct": evaluate(spec, found), "found": found}
+    """Score an image against its caption from pixels: {"category", "correct", "reason", "found"}."""
+    meta = caption_metadata(caption)
+    found = components(image)
+    correct, reason = evaluate_rules(meta, [_to_detection(o) for o in found])
+    found = [{k: v for k, v in o.items() if k not in ("box", "mask")} for o in found]
+    return {"category": meta["tag"], "correct": correct, "reason": reason, "found": found}
 
 
 def score(results: Sequence[dict]) -> dict[str, float]:
-    """Mean correctness overall and per category (GenEval reports the mean of the category means)."""
-    per = {c: [r["correct"] for r in results if r["category"] == c] for c in CATEGORIES}
-    out = {c: float(np.mean(v)) for c, v in per.items() if v}
-    out["overall"] = float(np.mean(list(out.values()))) if out else float("nan")
-    return out
+    """Share correct per category (in CATEGORIES order) and "overall" = the mean of the category means."""
+    per = score_rules([{"tag": r["category"], "correct": r["correct"]} for r in results])
+    return {**{c: per[c] for c in CATEGORIES if c in per}, "overall": per["overall"]}
