@@ -13,6 +13,11 @@ kinds
                  (ties: the lower annotation id), ordered by image id.
 ``coco_sample``  COCO2014-30k: ``n`` captions of ``captions_val2014.json`` drawn with ``sample_seed``;
                  ``unique_images: true`` draws ``n`` distinct images and one caption of each.
+                 Both read the file with pycocotools' ``COCO``; every prompt's ``meta`` holds its image id and
+                 file name (decode records them: FID matches real images by them); with ``image_dir`` set,
+                 every named image must be in that folder.
+``shapes_coco``  the shapes eval prompts as a COCO captions set with renders as the "val" images
+                 (:mod:`data.shapes_coco`, written under ``root`` on first use), read as ``coco_longest``.
 ``file``         a plain text file (one prompt per line, blank lines skipped), a ``.jsonl`` file of
                  objects with ``prompt`` (optional ``category``), or a ``.json`` list of either.
 """
@@ -127,56 +132,83 @@ def load_geneval(cfg: Mapping[str, Any]) -> list[Prompt]:
     return out
 
 
-def _coco_captions(cfg: Mapping[str, Any], year: int) -> tuple[Path, list[dict]]:
-    fix = COCO_HINT.format(year=year)
+def _coco_captions(cfg: Mapping[str, Any], year: int) -> tuple[Path, list[dict], dict[int, dict]]:
+    """(file, caption annotations, images by id) of a COCO captions file, read with pycocotools."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+
+    fix = cfg.get("fix") or COCO_HINT.format(year=year)
     path = _require_file(cfg.get("path"), f"prompts={cfg.get('name', 'coco')}", fix)
-    data = _read_json(path, fix)
-    anns = data.get("annotations") if isinstance(data, dict) else None
-    if not isinstance(anns, list) or not anns:
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # COCO() prints its progress
+            coco = COCO(str(path))
+    except json.JSONDecodeError as e:
+        raise PromptSetError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); {fix}") from None
+    except (AssertionError, KeyError, TypeError) as e:
+        raise PromptSetError(f"{path} is not a COCO annotations file ({type(e).__name__}: {e}); {fix}") from None
+    anns = list(coco.anns.values())
+    if not anns:
         raise PromptSetError(f"{path} has no 'annotations' list; is it a COCO captions file? {fix}")
-    for a in anns[:1]:
+    for a in anns:
         if not {"image_id", "id", "caption"} <= set(a):
-            raise PromptSetError(f"{path}: annotations need image_id, id and caption; {fix}")
-    return path, anns
+            raise PromptSetError(f"{path}: annotation {a.get('id')} needs image_id, id and caption; {fix}")
+        if a["image_id"] not in coco.imgs or "file_name" not in coco.imgs[a["image_id"]]:
+            raise PromptSetError(f"{path}: annotation {a['id']} names image {a['image_id']}, which the file's "
+                                 f"'images' list lacks (or gives no file_name); {fix}")
+    return path, anns, coco.imgs
+
+
+def _coco_prompts(cfg: Mapping[str, Any], path: Path, picked: list[dict], images: dict[int, dict]) -> list[Prompt]:
+    """Prompts of the chosen captions, each with its image id and file name; ``image_dir`` is checked."""
+    out = [Prompt(i, a["caption"].strip(), meta={"image_id": int(a["image_id"]), "caption_id": a["id"],
+                                                  "file_name": images[a["image_id"]]["file_name"]})
+           for i, a in enumerate(picked)]
+    if cfg.get("image_dir"):
+        from models import resolve_path
+
+        folder = resolve_path(str(cfg["image_dir"]))
+        missing = [p.meta["file_name"] for p in out if not (folder / p.meta["file_name"]).is_file()]
+        if missing:
+            raise PromptSetError(
+                f"{len(missing)} of {len(out)} images named by {path} are not in prompts.image_dir={folder} "
+                f"(first: {missing[0]}); pass the val{cfg.get('year', '')} image folder that belongs to this "
+                "captions file")
+    return out
 
 
 def load_coco_longest(cfg: Mapping[str, Any]) -> list[Prompt]:
     """COCO2017-5k: one prompt per val image, its longest caption (ties: the lower annotation id)."""
-    _, anns = _coco_captions(cfg, int(cfg.get("year", 2017)))
+    path, anns, images = _coco_captions(cfg, int(cfg.get("year", 2017)))
     best: dict[int, dict] = {}
     for a in anns:
         cap, key = a["caption"].strip(), int(a["image_id"])
         old = best.get(key)
         if old is None or (len(cap), -a["id"]) > (len(old["caption"].strip()), -old["id"]):
             best[key] = a
-    return [
-        Prompt(i, best[img]["caption"].strip(), meta={"image_id": img, "caption_id": best[img]["id"]})
-        for i, img in enumerate(sorted(best))
-    ]
+    return _coco_prompts(cfg, path, [best[img] for img in sorted(best)], images)
 
 
 def load_coco_sample(cfg: Mapping[str, Any]) -> list[Prompt]:
     """COCO2014-30k: ``n`` captions drawn with ``sample_seed`` (numpy PCG64), sorted by annotation id first."""
-    path, anns = _coco_captions(cfg, int(cfg.get("year", 2014)))
+    path, anns, images = _coco_captions(cfg, int(cfg.get("year", 2014)))
     n, rng = int(cfg.get("n", 30000)), np.random.default_rng(int(cfg.get("sample_seed", 0)))
     anns = sorted(anns, key=lambda a: a["id"])
     if cfg.get("unique_images", True):
         by_image: dict[int, list[dict]] = {}
         for a in anns:
             by_image.setdefault(int(a["image_id"]), []).append(a)
-        images = sorted(by_image)
-        if n > len(images):
-            raise PromptSetError(f"{path} has {len(images)} images, fewer than prompts.n={n}; lower prompts.n")
-        chosen = [by_image[images[i]] for i in rng.choice(len(images), size=n, replace=False)]
+        ids = sorted(by_image)
+        if n > len(ids):
+            raise PromptSetError(f"{path} has {len(ids)} images, fewer than prompts.n={n}; lower prompts.n")
+        chosen = [by_image[ids[i]] for i in rng.choice(len(ids), size=n, replace=False)]
         picked = [caps[int(rng.integers(len(caps)))] for caps in chosen]
     else:
         if n > len(anns):
             raise PromptSetError(f"{path} has {len(anns)} captions, fewer than prompts.n={n}; lower prompts.n")
         picked = [anns[i] for i in rng.choice(len(anns), size=n, replace=False)]
-    return [
-        Prompt(i, a["caption"].strip(), meta={"image_id": int(a["image_id"]), "caption_id": a["id"]})
-        for i, a in enumerate(picked)
-    ]
+    return _coco_prompts(cfg, path, picked, images)
 
 
 def load_file(cfg: Mapping[str, Any]) -> list[Prompt]:
@@ -205,12 +237,24 @@ def load_file(cfg: Mapping[str, Any]) -> list[Prompt]:
     return out
 
 
+def load_shapes_coco(cfg: Mapping[str, Any]) -> list[Prompt]:
+    """The shapes eval prompts as a COCO captions set (:mod:`data.shapes_coco`), written on first use."""
+    from data.shapes_coco import CAPTIONS, IMAGES, write_shapes_coco
+    from models import resolve_path
+
+    root = resolve_path(str(cfg.get("root") or "runs/cache/shapes_coco"))
+    write_shapes_coco(root, scene_seed=int(cfg.get("scene_seed", 0)))
+    return load_coco_longest({**cfg, "path": str(root / CAPTIONS), "image_dir": str(root / IMAGES),
+                              "fix": f"delete {root} to have it written again"})
+
+
 LOADERS: dict[str, Callable[[Mapping[str, Any]], list[Prompt]]] = {
     "shapes": load_shapes,
     "geneval": load_geneval,
     "coco_longest": load_coco_longest,
     "coco_sample": load_coco_sample,
     "file": load_file,
+    "shapes_coco": load_shapes_coco,
 }
 
 

@@ -275,38 +275,6 @@ def test_prompt_file_formats(tmp_path):
         load_prompts(compose_config(["prompts=coco2017_5k"]).prompts)
 
 
-def _coco_file(path: Path, n_images: int, caps_per_image: int) -> Path:
-    anns, rng = [], np.random.default_rng(1)
-    for img in range(n_images):
-        for c in range(caps_per_image):
-            words = int(rng.integers(2, 12))
-            anns.append({"image_id": 1000 + img, "id": len(anns), "caption": " ".join(["w"] * words) + f" {c}"})
-    rng.shuffle(anns)
-    path.write_text(json.dumps({"images": [], "annotations": anns}))
-    return path
-
-
-def test_coco2017_takes_the_longest_caption_of_every_image(tmp_path):
-    path = _coco_file(tmp_path / "captions_val2017.json", n_images=7, caps_per_image=5)
-    anns = json.loads(path.read_text())["annotations"]
-    prompts = load_prompts({"kind": "coco_longest", "name": "coco2017_5k", "path": str(path)})
-    assert [p.meta["image_id"] for p in prompts] == sorted({a["image_id"] for a in anns})
-    for p in prompts:
-        lengths = [len(a["caption"]) for a in anns if a["image_id"] == p.meta["image_id"]]
-        assert len(p.prompt) == max(lengths)
-
-
-def test_coco2014_sample_is_seeded_and_draws_distinct_images(tmp_path):
-    path = _coco_file(tmp_path / "captions_val2014.json", n_images=40, caps_per_image=5)
-    cfg = {"kind": "coco_sample", "name": "coco2014_30k", "path": str(path), "n": 30, "sample_seed": 0}
-    a, b = load_prompts(cfg), load_prompts(cfg)
-    c = load_prompts({**cfg, "sample_seed": 1})
-    assert [p.prompt for p in a] == [p.prompt for p in b] and [p.prompt for p in a] != [p.prompt for p in c]
-    assert len({p.meta["image_id"] for p in a}) == 30
-    with pytest.raises(PromptSetError, match="fewer than prompts.n"):
-        load_prompts({**cfg, "n": 41})
-
-
 # ---------------------------------------------------------------------------------------------------
 # Sharding
 

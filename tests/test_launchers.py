@@ -26,7 +26,7 @@ def test_submitit_local_tasks_split_the_prompts(tmp_path):
            "hydra.launcher.tasks_per_node=2", f"hydra.sweep.dir={tmp_path / 'sweep'}", "model=tiny", "decoder=ar",
            "prompts.limit=4", f"out_dir={run}", "warmup=false", "progress=false"]
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     shards = {}
     for f in sorted(run.glob("samples*.jsonl")):
