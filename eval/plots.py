@@ -74,3 +74,45 @@ def plot_sweep(scores: Sequence[Mapping[str, Any]], out_png: str | Path, x: str 
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
     return out_png
+
+
+QUALITY_METRICS = ("fid", "clip_score", "geneval_overall", "shapes_overall")
+
+
+def plot_quality_speed(scores: Sequence[Mapping[str, Any]], out_png: str | Path,
+                       metrics: Sequence[str] = QUALITY_METRICS) -> Path | None:
+    """Quality against step compression, one panel per quality metric (the paper tables as a picture).
+
+    Each run is a labelled point; a run without speed fields (ground-truth renders) is a dashed line.
+    Returns None when no run has a quality metric.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in metrics if any(s["metrics"].get(m) is not None for s in scores)]
+    if not metrics:
+        return None
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for s in scores:
+            y, x = s["metrics"].get(metric), s["metrics"].get("step_compression")
+            if y is None:
+                continue
+            label = f"{s['model']} {s['decoder']}"
+            if x is None:
+                ax.axhline(y, linestyle="--", color="grey", linewidth=1)
+                ax.annotate(label, (0.01, y), xycoords=("axes fraction", "data"), fontsize=7, color="grey")
+            else:
+                ax.scatter([x], [y], s=28)
+                ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("step compression (tokens / forward)")
+        ax.set_title(metric + (" (lower is better)" if metric == "fid" else ""))
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return out_png

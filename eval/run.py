@@ -53,11 +53,14 @@ def _prompt_kind(run: RunData) -> str | None:
     return run.config.get("prompts", {}).get("kind")
 
 
+COCO_KINDS = ("coco_longest", "coco_sample", "shapes_coco")  # prompt sets whose records carry COCO image ids
+SHAPES_KINDS = ("shapes", "shapes_coco")  # prompt sets of the shapes caption grammar
+
 METRICS: dict[str, Metric] = {
-    "speed": Metric("speed", "eval.speed:speed_metric"),
-    "shapes": Metric("shapes", "eval.shapes_score:shapes_metric", applies=lambda run: _prompt_kind(run) == "shapes"),
-    # Hooks for scorers to come (their modules do not exist yet; listing them in eval.metrics says so).
-    "fid": Metric("fid", "eval.fid:fid_metric", applies=lambda run: _prompt_kind(run) in ("coco_longest", "coco_sample")),
+    # runs of decoded images carry speed fields; a ground-truth render run (data/shapes_coco.py) does not
+    "speed": Metric("speed", "eval.speed:speed_metric", applies=lambda run: "n_forwards" in run.records[0]),
+    "shapes": Metric("shapes", "eval.shapes_score:shapes_metric", applies=lambda run: _prompt_kind(run) in SHAPES_KINDS),
+    "fid": Metric("fid", "eval.fid:fid_metric", applies=lambda run: _prompt_kind(run) in COCO_KINDS),
     "clip_score": Metric("clip_score", "eval.clip_score:clip_score_metric"),
     "geneval": Metric("geneval", "eval.geneval:geneval_metric", applies=lambda run: _prompt_kind(run) == "geneval"),
 }
@@ -123,6 +126,39 @@ def expand_run_dirs(run_dir: str | None, run_dirs: Sequence[str] | None) -> list
 # Scoring
 
 
+class PartialRun(ValueError):
+    """A run dir holds fewer images than its prompt set asks for."""
+
+
+def expected_images(run: RunData) -> set[tuple[int, int]] | None:
+    """(idx, sample) of every image the run's prompt set asks for; None when the set cannot be read."""
+    from data.prompts import PromptSetError, load_prompts
+
+    prompts_cfg = run.config.get("prompts") or {}
+    if not prompts_cfg.get("kind"):
+        return None
+    try:
+        prompts = load_prompts(prompts_cfg)
+    except (PromptSetError, OSError):
+        return None
+    per = int(prompts_cfg.get("images_per_prompt") or 1)
+    return {(p.idx, j) for p in prompts for j in range(per)}
+
+
+def check_complete(run: RunData, allow_partial: bool = False) -> int | None:
+    """The number of images the prompt set asks for; :class:`PartialRun` when some are missing."""
+    want = expected_images(run)
+    if want is None:
+        return None
+    missing = sorted(want - {(int(r["idx"]), int(r.get("sample", 0))) for r in run.records})
+    if missing and not allow_partial:
+        files = ", ".join(f.name for f in sample_files(run.run_dir))
+        raise PartialRun(f"{run.run_dir} holds {len(want) - len(missing)} of {len(want)} images (first missing: "
+                         f"idx {missing[0][0]}; records files: {files}); finish it by re-running its decode "
+                         "command (it resumes, every shard), or pass allow_partial=true to score what is there")
+    return len(want)
+
+
 def run_summary(run: RunData) -> dict[str, Any]:
     """The settings a table row shows next to the numbers."""
     c = run.config
@@ -139,9 +175,11 @@ def run_summary(run: RunData) -> dict[str, Any]:
     }
 
 
-def score_run(run: RunData, metrics: Sequence[str], options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def score_run(run: RunData, metrics: Sequence[str], options: Mapping[str, Any] | None = None,
+              allow_partial: bool = False) -> dict[str, Any]:
     """Every applicable metric of one run -> the ``scores.json`` object (settings, metrics, protocols)."""
     options = options or {}
+    n_expected = check_complete(run, allow_partial)
     scores: dict[str, Any] = {}
     protocol: dict[str, Any] = {}
     skipped: list[str] = []
@@ -155,12 +193,14 @@ def score_run(run: RunData, metrics: Sequence[str], options: Mapping[str, Any] |
         protocol[name] = {"protocol": text, "options": opts}
     env_files = sorted(run.run_dir.glob("env*.json"))
     env = json.loads(env_files[0].read_text()) if env_files else None
-    return {**run_summary(run), "metrics": scores, "protocol": protocol, "skipped": skipped, "env": env}
+    return {**run_summary(run), "n_prompts_images": n_expected, "metrics": scores, "protocol": protocol,
+            "skipped": skipped, "env": env}
 
 
-def evaluate_run(run_dir: str | Path, metrics: Sequence[str], options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def evaluate_run(run_dir: str | Path, metrics: Sequence[str], options: Mapping[str, Any] | None = None,
+                 allow_partial: bool = False) -> dict[str, Any]:
     """Score one run dir and write its ``scores.json`` (atomically); returns the scores."""
-    scores = score_run(load_run(run_dir), metrics, options)
+    scores = score_run(load_run(run_dir), metrics, options, allow_partial)
     atomic_write_bytes(Path(run_dir) / SCORES_FILE, json.dumps(scores, indent=1).encode())
     return scores
 
@@ -184,7 +224,10 @@ def evaluate(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
     for name in metrics:  # fail on a typo before scoring anything
         resolve_metric(name)
     run_dirs = expand_run_dirs(cfg.get("run_dir"), cfg.get("run_dirs"))
-    all_scores = [evaluate_run(d, metrics, cfg["eval"].get("options")) for d in run_dirs]
+    runs = [load_run(d) for d in run_dirs]
+    for run in runs:  # every run complete (or partial allowed) before any scoring starts
+        check_complete(run, cfg["allow_partial"])
+    all_scores = [evaluate_run(r.run_dir, metrics, cfg["eval"].get("options"), cfg["allow_partial"]) for r in runs]
     header, rows = tables.build_table(all_scores)
     out = table_dir_for(run_dirs, cfg.get("table_dir"))
     out.mkdir(parents=True, exist_ok=True)
@@ -195,6 +238,13 @@ def evaluate(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
         png = plots.plot_sweep(all_scores, out / f"{cfg['name']}_sweep.png", x=plot_cfg["x"], group=plot_cfg["group"])
         if png is not None:
             written.append(png)
+        png = plots.plot_quality_speed(all_scores, out / f"{cfg['name']}_quality.png")
+        if png is not None:
+            written.append(png)
+    if cfg["wandb"]["mode"] != "disabled":
+        from eval.wandb_log import log_eval
+
+        log_eval(cfg["wandb"], cfg["name"], header, rows, runs, out)
     print("wrote " + ", ".join(str(p) for p in written))
     return all_scores
 

@@ -27,6 +27,21 @@ class PlotOptions:
 
 
 @dataclass
+class WandbOptions:
+    """Where ``python -m eval`` logs its table and image grids (``mode: disabled`` logs nothing)."""
+
+    mode: str = "disabled"  # online | offline | disabled
+    project: str = "sjd2"
+    entity: str | None = None
+    name: str | None = None  # null: the table name
+    grid_images: int = 16  # images per run in its grid
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("online", "offline", "disabled"):
+            raise ValueError(f"wandb.mode={self.mode!r}: use online, offline or disabled")
+
+
+@dataclass
 class EvalStage:
     eval: EvalSuite = field(default_factory=EvalSuite)
     run_dir: str | None = None
@@ -35,6 +50,8 @@ class EvalStage:
     name: str = "scores"
     formats: list[str] = field(default_factory=lambda: ["md", "csv", "tex"])
     plot: PlotOptions = field(default_factory=PlotOptions)
+    wandb: WandbOptions = field(default_factory=WandbOptions)
+    allow_partial: bool = False  # score runs with fewer images than their prompt set
 
 
 def register() -> None:

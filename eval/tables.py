@@ -15,7 +15,7 @@ from typing import Any
 
 KEY_OPTIONS = ("window", "denoise_steps")  # decoder options always shown when present
 METRIC_ORDER = ("step_compression", "n_forwards_mean", "latency_mean_s", "latency_median_s", "latency_speedup",
-                "peak_mem_mib", "shapes_overall", "shapes_accuracy")
+                "peak_mem_mib", "fid", "clip_score", "geneval_overall", "shapes_overall", "shapes_accuracy")
 HIDDEN_METRICS = {"n_tokens_mean", "peak_mem_bytes"}
 
 
@@ -70,14 +70,18 @@ def build_table(scores: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[li
     """``scores.json`` objects -> (header, rows of raw values); metric columns in a fixed order."""
     option_cols = _option_columns(scores)
     metrics = [_metrics_with_derived(s, scores) for s in scores]
-    present = [k for k in dict.fromkeys(k for m in metrics for k, v in m.items() if v is not None)
-               if k not in HIDDEN_METRICS]  # first-seen order
+    # first-seen order; numbers only (protocol strings and per-file lists stay in scores.json)
+    present = [k for k in dict.fromkeys(k for m in metrics for k, v in m.items()
+                                        if v is not None and not isinstance(v, (str, list, dict)))
+               if k not in HIDDEN_METRICS]
     metric_cols = [k for k in METRIC_ORDER if k in present] + [k for k in present if k not in METRIC_ORDER]
-    header = ["run", "model", "decoder"] + [c[0] for c in option_cols] + ["n_images"] + metric_cols
+    counts = ["n_images"] + (["of_n"] if any(s.get("n_prompts_images") for s in scores) else [])
+    header = ["run", "model", "decoder"] + [c[0] for c in option_cols] + counts + metric_cols
     rows = []
     for label, s, m in zip(_run_labels(scores), scores, metrics):
         opts = [(s[sec] if sec else s).get(key) for _, sec, key in option_cols]
-        rows.append([label, s["model"], s["decoder"], *opts, s["n_images"], *[m.get(k) for k in metric_cols]])
+        n = [s["n_images"]] + ([s.get("n_prompts_images")] if len(counts) > 1 else [])
+        rows.append([label, s["model"], s["decoder"], *opts, *n, *[m.get(k) for k in metric_cols]])
     return header, rows
 
 

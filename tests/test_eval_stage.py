@@ -21,7 +21,8 @@ def write_run(run_dir: Path, records: list[dict], decoder: dict | None = None, k
     """A run dir by hand (config.yaml + samples*.jsonl), as decode writes it."""
     run_dir.mkdir(parents=True)
     config = {"model": {"name": model, "family": "tiny"}, "decoder": decoder or {"name": "ar"},
-              "prompts": {"name": kind, "kind": kind}, "sampling": {"cfg_scale": 3.0}, "seed": seed,
+              "prompts": {"name": kind, "kind": kind, "limit": 1 + max(r["idx"] for r in records)},
+              "sampling": {"cfg_scale": 3.0}, "seed": seed,
               "out_dir": str(run_dir)}
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     for rank in range(shards):
@@ -99,7 +100,8 @@ def test_shapes_score_per_category_and_overall(tmp_path):
                         "image": f"images/{p['idx']:06d}.png"})
     (run / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (run / "config.yaml").write_text(yaml.safe_dump({"model": {"name": "tiny"}, "decoder": {"name": "ar"},
-                                                     "prompts": {"name": "shapes", "kind": "shapes"}}))
+                                                     "prompts": {"name": "shapes", "kind": "shapes",
+                                                                 "limit": 12}}))
     m = evaluate_run(run, ["speed", "shapes"])["metrics"]
     for cat, correct in truth.items():
         assert m[f"shapes_{cat}"] == pytest.approx(statistics.fmean(correct)) == 0.5
