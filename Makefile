@@ -14,7 +14,8 @@ export WANDB_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-slow test-full lint bench tiny-model tiny-sjd2 finetune sweep geneval-prompts clean
+.PHONY: help install demo test test-slow test-full lint bench tiny-model tiny-sjd2 finetune sweep eval-coco eval-geneval \
+	geneval-prompts clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -64,6 +65,18 @@ sweep: install ## SJD2 window x steps sweep on tiny_sjd2 (Hydra multirun), then 
 	$(PY) -m decode -m model=tiny_sjd2 decoder=sjd2 decoder.window=16,32,64 decoder.denoise_steps=5,10,25 \
 		prompts.limit=24 seed=0
 	$(PY) -m eval 'run_dirs=[runs/tiny_sjd2/shapes/sjd2_*_s0]' table_dir=runs/sweep name=sjd2_sweep
+
+# eval-coco / eval-geneval: the shapes world on tiny by default; the real sets for real models
+COCO_SET ?= $(if $(findstring tiny,$(MODEL)),shapes_coco,coco2017_5k)
+GENEVAL_SET ?= $(if $(findstring tiny,$(MODEL)),shapes_geneval,geneval)
+SUITE_ARGS = --model $(MODEL) --nproc $(NPROC) $(if $(COCO),--coco $(COCO)) $(if $(SJD2_PATH),--sjd2-path $(SJD2_PATH)) \
+	$(if $(LIMIT),--limit $(LIMIT)) $(ARGS)
+
+eval-coco: install ## AR/SJD/SJD2 on COCO prompts + FID, CLIP, speed: [MODEL=lumina_mgpt COCO=/data/coco SET=coco2014_30k NPROC=8 SJD2_PATH=export/]
+	$(PY) -m bench.eval_suite --set $(or $(SET),$(COCO_SET)) $(SUITE_ARGS)
+
+eval-geneval: install ## AR/SJD/SJD2 on GenEval prompts + GenEval score (tiny: the shapes set through the same rules)
+	$(PY) -m bench.eval_suite --set $(or $(SET),$(GENEVAL_SET)) $(SUITE_ARGS)
 
 geneval-prompts: ## fetch GenEval's 553 prompts (MIT) into data/geneval/ (needs network; not committed)
 	mkdir -p data/geneval && curl -fsSL -o data/geneval/evaluation_metadata.jsonl \

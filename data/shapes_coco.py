@@ -61,7 +61,7 @@ def write_shapes_coco(root: str | Path, scene_seed: int = 0, limit: int | None =
     return captions
 
 
-def write_render_run(run_dir: str | Path, root: str | Path, scene_seed: int = 1) -> Path:
+def write_render_run(run_dir: str | Path, root: str | Path, scene_seed: int = 1, limit: int | None = None) -> Path:
     """The set's captions rendered with ``scene_seed`` as a run dir eval can score (no speed fields)."""
     from omegaconf import OmegaConf
 
@@ -69,7 +69,7 @@ def write_render_run(run_dir: str | Path, root: str | Path, scene_seed: int = 1)
     data = json.loads((root / CAPTIONS).read_text())
     files = {im["id"]: im["file_name"] for im in data["images"]}
     lines = []
-    for a in sorted(data["annotations"], key=lambda a: a["image_id"]):
+    for a in sorted(data["annotations"], key=lambda a: a["image_id"])[:limit]:
         idx = int(a["image_id"]) - 1
         name = image_name(idx, 0, 1)
         (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
@@ -79,7 +79,7 @@ def write_render_run(run_dir: str | Path, root: str | Path, scene_seed: int = 1)
                                "coco_image_id": a["image_id"], "coco_file_name": files[a["image_id"]]}
         lines.append(json.dumps(rec) + "\n")
     config = {"model": {"name": "renders"}, "decoder": {"name": "ground_truth"}, "sampling": {},
-              "prompts": {"name": SET_NAME, "kind": "coco_longest", "path": str(root / CAPTIONS)},
+              "prompts": {"name": SET_NAME, "kind": "coco_longest", "path": str(root / CAPTIONS), "limit": limit},
               "seed": scene_seed}
     atomic_write_bytes(run_dir / CONFIG_FILE, OmegaConf.to_yaml(OmegaConf.create(config)).encode())
     atomic_write_bytes(run_dir / "samples.jsonl", "".join(lines).encode())
