@@ -1,7 +1,8 @@
-"""The shapes score: ``data.shapes.check`` on every saved PNG, per category and overall.
+"""The shapes score: ``data.shapes_check.check`` on every saved PNG, per category and overall.
 
-Overall = the mean of the category means (GenEval's convention, ``data.shapes.score``); ``accuracy``
-= the share of all images that are correct.
+The checker is GenEval's rule engine (:mod:`data.geneval_rules`) over the shapes detector, the caption
+turned into GenEval metadata. Overall = the mean of the category means (GenEval's convention,
+``data.shapes_check.score``); ``accuracy`` = the share of all images that are correct.
 """
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-PROTOCOL = "data.shapes.check on the saved PNG; overall = mean over categories of the share correct"
+PROTOCOL = ("data.shapes_check.check on the saved PNG (GenEval's rules over the shapes detector, the caption as "
+            "GenEval metadata); overall = mean over categories of the share correct")
 
 
 def check_images(run_dir: Path, records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
