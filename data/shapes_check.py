@@ -106,7 +106,8 @@ def _to_detection(o: dict) -> Detection:
 
 
 def detect(image) -> list[Detection]:
-    """The shapes detector (the ``Detector`` of :mod:`data.geneval_rules`): one Detection per component."""
+    """The shapes detector (a ``Detector`` of :mod:`data.geneval_rules`): one Detection per component, in the
+    coordinates of the 64-px canvas (larger images are read at 64 px), colour set."""
     return [_to_detection(o) for o in components(image)]
 
 

@@ -151,9 +151,24 @@ def test_mask2former_and_clip_run_end_to_end_on_tiny_random_checkpoints(tmp_path
     # the colour clause reached CLIP: either correct, or a verdict naming the colours it found
     colour_rows = rows[:2]
     assert all(r["correct"] or "expected red dog>=1, found 1 " in r["reason"] for r in colour_rows), colour_rows
+    # the checkpoint's COCO label "mouse" is GenEval's "computer mouse"
+    assert not any("found 0" in r["reason"] for r in rows[2:]), rows[2:]
 
 
 def test_missing_detector_weights_name_the_hub_id(tmp_path, shapes_run):
     missing = tmp_path / "no_such_checkpoint"
     with pytest.raises(FileNotFoundError, match=r"no_such_checkpoint.*hf download"):
         geneval_metric(shapes_run, {"detector_model": str(missing), "device": "cpu"})
+
+
+def test_colour_crops_put_the_mask_on_genevals_grey_and_cut_the_box():
+    from data.geneval_rules import Detection
+    from eval.geneval import GREY, masked_crop
+
+    img = S.COLORS["red"] * np.ones((64, 64, 1), np.uint8)
+    mask = np.zeros((64, 64), bool)
+    mask[10:20, 30:50] = True
+    mask[10, 30] = False
+    crop = np.asarray(masked_crop(S.to_pil(img), Detection("dog", 1.0, (30.0, 10.0, 50.0, 20.0), mask)))
+    assert crop.shape == (10, 20, 3)
+    assert tuple(crop[0, 0]) == GREY and tuple(crop[5, 5]) == S.COLORS["red"]
