@@ -69,6 +69,28 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def remove_stale_tmp(run_dir: Path) -> list[Path]:
+    """Delete the ``.*.tmp-PID`` files a killed process left in ``run_dir`` (and one level below); files of
+    a process that still runs (another shard writing now) are kept. Returns the removed paths."""
+    removed = []
+    for tmp in [*Path(run_dir).glob(".*.tmp-*"), *Path(run_dir).glob("*/.*.tmp-*")]:
+        pid = tmp.name.rsplit("tmp-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def save_image(image: Any, path: Path) -> None:
     """Save a PIL image as PNG atomically."""
     import io

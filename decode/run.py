@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from core.errors import UserError, one_line_errors
 from core.rundir import (
     CONF_DIR,
     CONFIG_FILE,
@@ -31,6 +32,7 @@ from core.rundir import (
     image_name,
     image_seed,
     read_records,
+    remove_stale_tmp,
     samples_name,
     save_image,
     sync_device,
@@ -47,7 +49,7 @@ KEY_ABBREVIATIONS = {"window": "w", "denoise_steps": "d"}  # decoder options spe
 GenerateFn = Callable[..., Any]  # decode.api.generate(adapter, text, decoder_cfg, sampling, generator)
 
 
-class RunDirConflict(RuntimeError):
+class RunDirConflict(UserError):
     """The run directory holds results of a different configuration."""
 
 
@@ -155,10 +157,11 @@ def check_same_config(run_dir: Path, conf: Mapping[str, Any]) -> None:
 
 def prepare_run_dir(run_dir: Path, conf: Mapping[str, Any], force: bool) -> None:
     """Create the run dir, refuse a mixed one (unless ``force``), write the resolved config."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "images").mkdir(exist_ok=True)
     if not force:
         check_same_config(run_dir, conf)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "images").mkdir(exist_ok=True)
+    remove_stale_tmp(run_dir)
     atomic_write_bytes(run_dir / CONFIG_FILE, OmegaConf.to_yaml(OmegaConf.create(dict(conf))).encode())
 
 
@@ -277,6 +280,16 @@ def write_geneval_folder(run_dir: Path, prompts: list[Prompt], per_prompt: int) 
     return n
 
 
+def check_writable(run_dir: Path) -> None:
+    """Refuse an out_dir whose nearest existing folder cannot be written, before anything is created."""
+    probe = run_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"out_dir={run_dir} cannot be written ({probe} is not a writable folder); "
+                        "pick another out_dir=...")
+
+
 def decode_run(cfg: DictConfig | Mapping[str, Any], *, adapter: Any = None,
                generate_fn: GenerateFn | None = None) -> RunSummary:
     """Decode every unfinished image of this shard into ``cfg.out_dir`` (see the module docstring).
@@ -287,7 +300,8 @@ def decode_run(cfg: DictConfig | Mapping[str, Any], *, adapter: Any = None,
     from decode.sampling import SamplingConfig
 
     conf = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    # 1. Check everything that can be wrong before anything is written: prompts, sampling, decoder.
+    # 1. Check everything that can be wrong before anything is written: prompts, sampling, decoder, the
+    #    out_dir, the run dir's configuration and (when there is work) the model.
     prompts = load_prompts(conf["prompts"])
     per_prompt = int(conf["prompts"].get("images_per_prompt", 1))
     sampling = SamplingConfig(**conf["sampling"])
@@ -297,14 +311,24 @@ def decode_run(cfg: DictConfig | Mapping[str, Any], *, adapter: Any = None,
     shard_cfg = conf.get("shard") or {}
     shard = resolve_shard(shard_cfg.get("index"), shard_cfg.get("count"))
     run_dir = Path(conf["out_dir"])
-    # 2. The run dir: refuse mixing, write config.yaml, find the finished images.
-    prepare_run_dir(run_dir, conf, force=bool(conf.get("force", False)))
+    check_writable(run_dir)
+    force = bool(conf.get("force", False))
+    if not force:
+        check_same_config(run_dir, conf)
+    todo_all, _ = _todo(prompts, per_prompt, shard, finished(run_dir) if run_dir.is_dir() else set())
+    if todo_all and adapter is None:
+        from models import load_adapter
+
+        select_local_gpu()
+        adapter = load_adapter(conf["model"])
+    # 2. The run dir: write config.yaml, repair a torn last line, find the finished images.
+    prepare_run_dir(run_dir, conf, force=force)
     records_path = run_dir / samples_name(*shard)
     read_records(records_path, repair=True)
     todo_all, n_mine = _todo(prompts, per_prompt, shard, finished(run_dir))
     max_images = conf.get("max_images")
     todo = todo_all if max_images is None else todo_all[: int(max_images)]
-    # 3. The model and the decoder, only when there is work.
+    # 3. Decode.
     n_decoded = 0
     if todo:
         n_decoded = _decode_images(conf, todo, run_dir, records_path, shard, per_prompt, sampling, adapter, generate_fn)
@@ -316,14 +340,9 @@ def decode_run(cfg: DictConfig | Mapping[str, Any], *, adapter: Any = None,
 def _decode_images(conf: Mapping[str, Any], todo: list[tuple[Prompt, int]], run_dir: Path, records_path: Path,
                    shard: tuple[int, int], per_prompt: int, sampling: Any, adapter: Any,
                    generate_fn: GenerateFn) -> int:
-    """Load the model if needed, warm up, then decode, save and record ``todo`` one image at a time."""
+    """Warm up, then decode, save and record ``todo`` one image at a time."""
     from tqdm import tqdm
 
-    if adapter is None:
-        from models import load_adapter
-
-        select_local_gpu()
-        adapter = load_adapter(conf["model"])
     decoder_cfg, seed = conf["decoder"], int(conf["seed"])
     env_name = "env.json" if shard[1] == 1 else f"env-{shard[0]}.json"
     atomic_write_bytes(run_dir / env_name, json.dumps(environment(adapter.device), indent=1).encode())
@@ -343,6 +362,7 @@ def _decode_images(conf: Mapping[str, Any], todo: list[tuple[Prompt, int]], run_
     return len(todo)
 
 
+@one_line_errors
 def _run_and_report(cfg: DictConfig) -> None:
     summary = decode_run(cfg)
     print(f"{summary.out_dir}: {summary.n_decoded} decoded, {summary.n_skipped} already there, "

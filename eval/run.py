@@ -21,6 +21,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from core.errors import one_line_errors
 from core.rundir import CONF_DIR, CONFIG_FILE, atomic_write_bytes, read_records, sample_files
 from eval import schema
 
@@ -249,6 +250,7 @@ def evaluate(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
     return all_scores
 
 
+@one_line_errors
 def _evaluate_config(cfg: Any) -> None:
     evaluate(OmegaConf.to_container(cfg, resolve=True))
 
