@@ -1,0 +1,75 @@
+"""Run integrity from the command line: an expected error is one line naming the fix, exit status 2, no
+traceback, and nothing written; a failed command does not block its own corrected rerun."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def stage(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SJD2_TRACEBACK")}
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          check=False, env={**base, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-1500:])
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-1500:]
+    assert "Traceback" not in proc.stderr and "HYDRA_FULL_ERROR" not in proc.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+DECODE = ("decode", "model=tiny", "prompts.limit=1", "warmup=false", "progress=false")
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["decoder=sjd", "decoder.window=0"], ["window"]),
+    (["decoder=sjd2", "decoder.denoise_steps=0"], ["denoise_steps"]),
+    (["prompts=file", "prompts.path=/nonexistent/prompts.txt"], ["/nonexistent/prompts.txt", "prompts.path"]),
+    (["sampling.top_p=0"], ["top_p"]),
+    (["prompts.limit=0"], ["prompts.limit"]),
+])
+def test_bad_decode_input_is_one_line_and_writes_nothing(tmp_path, args, needles):
+    out = tmp_path / "run"
+    assert_one_line_error(stage(*DECODE, f"out_dir={out}", *args), *needles)
+    assert not out.exists()
+
+
+def test_a_failed_command_does_not_block_its_corrected_rerun(tmp_path):
+    out = tmp_path / "run"
+    assert_one_line_error(stage(*DECODE, f"out_dir={out}", "decoder=sjd", "decoder.window=0"), "window")
+    ok = stage(*DECODE, f"out_dir={out}", "decoder=sjd", "decoder.window=4")
+    assert ok.returncode == 0, ok.stderr[-1500:]
+    assert (out / "samples.jsonl").read_text().count("\n") == 1
+
+
+def test_an_out_dir_that_cannot_be_written_is_named(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert_one_line_error(stage(*DECODE, f"out_dir={blocker}/run"), "cannot be written", "out_dir=")
+
+
+def test_a_run_dir_of_another_configuration_is_one_line_and_left_as_it_was(tmp_path):
+    out = tmp_path / "run"
+    assert stage(*DECODE, f"out_dir={out}").returncode == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert_one_line_error(stage(*DECODE, f"out_dir={out}", "seed=7"), "another configuration", "seed: 0 -> 7")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_eval_of_a_partial_run_is_one_line_and_the_switch_shows_the_traceback(tmp_path):
+    out = tmp_path / "run"
+    assert stage(*DECODE, f"out_dir={out}").returncode == 0
+    (out / "config.yaml").write_text((out / "config.yaml").read_text().replace("limit: 1", "limit: 2"))
+    assert_one_line_error(stage("eval", f"run_dir={out}"), "holds 1 of 2 images", "allow_partial=true")
+    loud = stage("eval", f"run_dir={out}", env={"SJD2_TRACEBACK": "1"})
+    assert loud.returncode != 0 and "Traceback" in loud.stderr and "PartialRun" in loud.stderr
