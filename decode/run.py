@@ -21,10 +21,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from core.errors import UserError, one_line_errors
+from core.errors import one_line_errors
 from core.rundir import (
     CONF_DIR,
-    CONFIG_FILE,
     append_record,
     atomic_write_bytes,
     environment,
@@ -32,25 +31,24 @@ from core.rundir import (
     image_name,
     image_seed,
     read_records,
-    remove_stale_tmp,
     samples_name,
     save_image,
     sync_device,
 )
 from data.prompts import Prompt, load_prompts
 from decode import schema
+from decode.identity import (  # RunDirConflict: decode.run's error since the first release
+    RunDirConflict,  # noqa: F401
+    check_same_config,
+    check_writable,
+    prepare_run_dir,
+    prompts_fingerprint,
+    weights_fingerprint,
+)
 
-# Parts of the config that must match before a run dir may be resumed (prompts.limit and
-# prompts.geneval_folder may change: they select or lay out, never alter, an image).
-IDENTITY_KEYS = ("model", "decoder", "sampling", "seed", "prompts")
-IDENTITY_IGNORED = {"prompts.limit", "prompts.geneval_folder"}
 KEY_ABBREVIATIONS = {"window": "w", "denoise_steps": "d"}  # decoder options spelled in folder names
 
 GenerateFn = Callable[..., Any]  # decode.api.generate(adapter, text, decoder_cfg, sampling, generator)
-
-
-class RunDirConflict(UserError):
-    """The run directory holds results of a different configuration."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -119,50 +117,6 @@ def run_key(decoder: Any, sampling: Any) -> str:
 
 OmegaConf.register_new_resolver("run_key", run_key, replace=True)
 schema.register()
-
-
-# ---------------------------------------------------------------------------------------------------
-# Run directory: config identity and environment
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, Mapping):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
-def config_identity(conf: Mapping[str, Any]) -> dict[str, Any]:
-    """The flattened settings that decide what an image is (see ``IDENTITY_KEYS``)."""
-    flat = _flatten({k: conf.get(k) for k in IDENTITY_KEYS})
-    return {k: v for k, v in flat.items() if k not in IDENTITY_IGNORED}
-
-
-def check_same_config(run_dir: Path, conf: Mapping[str, Any]) -> None:
-    """Refuse to add images of one configuration to a run dir that holds another's."""
-    old_file = run_dir / CONFIG_FILE
-    if not old_file.exists():
-        return
-    old = config_identity(OmegaConf.to_container(OmegaConf.load(old_file), resolve=False))
-    new = config_identity(conf)
-    diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    if diffs:
-        raise RunDirConflict(
-            f"run dir {run_dir} holds results of another configuration ({'; '.join(diffs)}). "
-            "Pick another out_dir=..., or pass force=true to add to it anyway (its config.yaml is then replaced)."
-        )
-
-
-def prepare_run_dir(run_dir: Path, conf: Mapping[str, Any], force: bool) -> None:
-    """Create the run dir, refuse a mixed one (unless ``force``), write the resolved config."""
-    if not force:
-        check_same_config(run_dir, conf)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "images").mkdir(exist_ok=True)
-    remove_stale_tmp(run_dir)
-    atomic_write_bytes(run_dir / CONFIG_FILE, OmegaConf.to_yaml(OmegaConf.create(dict(conf))).encode())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -280,16 +234,6 @@ def write_geneval_folder(run_dir: Path, prompts: list[Prompt], per_prompt: int) 
     return n
 
 
-def check_writable(run_dir: Path) -> None:
-    """Refuse an out_dir whose nearest existing folder cannot be written, before anything is created."""
-    probe = run_dir
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"out_dir={run_dir} cannot be written ({probe} is not a writable folder); "
-                        "pick another out_dir=...")
-
-
 def decode_run(cfg: DictConfig | Mapping[str, Any], *, adapter: Any = None,
                generate_fn: GenerateFn | None = None) -> RunSummary:
     """Decode every unfinished image of this shard into ``cfg.out_dir`` (see the module docstring).
@@ -300,6 +244,7 @@ def decode_run(cfg: DictConfig | Mapping[str, Any], *, adapter: Any = None,
     from decode.sampling import SamplingConfig
 
     conf = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    conf["fingerprint"] = {"prompts": prompts_fingerprint(conf["prompts"]), "weights": weights_fingerprint(conf["model"])}
     # 1. Check everything that can be wrong before anything is written: prompts, sampling, decoder, the
     #    out_dir, the run dir's configuration and (when there is work) the model.
     prompts = load_prompts(conf["prompts"])

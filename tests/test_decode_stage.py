@@ -71,7 +71,7 @@ def adapter():
 
 @pytest.fixture(autouse=True)
 def no_launcher_env(monkeypatch):
-    for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+    for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "SUBMITIT_LOCAL_GLOBALID", "SUBMITIT_LOCAL_NTASKS"):
         monkeypatch.delenv(var, raising=False)
 
 
@@ -209,7 +209,9 @@ def test_run_dir_of_another_config_is_refused_unless_forced(tmp_path, adapter):
         decode_run(decode_cfg(out, "decoder=sjd", "prompts.limit=1"), adapter=adapter)
     assert sorted(records_by_idx(out)) == [0]
     decode_run(decode_cfg(out, "decoder=sjd", "prompts.limit=2", "force=true"), adapter=adapter)
-    assert records_by_idx(out)[1]["decoder"] == "sjd"
+    assert {i: r["decoder"] for i, r in records_by_idx(out).items()} == {0: "sjd", 1: "sjd"}  # none relabelled
+    (old,) = (out / "superseded").iterdir()
+    assert [json.loads(line)["decoder"] for line in (old / "samples.jsonl").read_text().splitlines()] == ["ar"]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_decode_stage import adapter, decode_cfg, no_launcher_env, records_by_idx  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -73,3 +75,61 @@ def test_eval_of_a_partial_run_is_one_line_and_the_switch_shows_the_traceback(tm
     assert_one_line_error(stage("eval", f"run_dir={out}"), "holds 1 of 2 images", "allow_partial=true")
     loud = stage("eval", f"run_dir={out}", env={"SJD2_TRACEBACK": "1"})
     assert loud.returncode != 0 and "Traceback" in loud.stderr and "PartialRun" in loud.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# A run dir is keyed to its content (in-process, on the micro model of test_decode_stage)
+
+
+def test_an_edited_prompt_file_is_refused_not_reused(tmp_path, adapter):  # noqa: F811
+    from decode.run import RunDirConflict, decode_run
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\ntwo squares\n")
+    out = tmp_path / "run"
+    args = ["prompts=file", f"prompts.path={prompts}", "prompts.limit=null"]
+    decode_run(decode_cfg(out, *args), adapter=adapter)
+    prompts.write_text("a red circle\nthree squares\n")  # edited in place, same path
+    with pytest.raises(RunDirConflict, match=r"fingerprint\.prompts.*prompt file's content changed"):
+        decode_run(decode_cfg(out, *args), adapter=adapter)
+    assert [r["prompt"] for r in records_by_idx(out).values()] == ["a red circle", "two squares"]
+
+
+def test_retrained_weights_are_refused_and_force_supersedes_without_relabelling(tmp_path, adapter):  # noqa: F811
+    from decode.run import RunDirConflict, decode_run
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "model.safetensors").write_bytes(b"first training")
+    out = tmp_path / "run"
+    decode_run(decode_cfg(out, f"model.path={weights}", "prompts.limit=1"), adapter=adapter)
+    first = records_by_idx(out)[0]
+    (weights / "model.safetensors").write_bytes(b"retrained!!!!!")  # same size, other content
+    with pytest.raises(RunDirConflict, match=r"weights changed.*force=true"):
+        decode_run(decode_cfg(out, f"model.path={weights}", "prompts.limit=1"), adapter=adapter)
+    decode_run(decode_cfg(out, f"model.path={weights}", "prompts.limit=1", "force=true"), adapter=adapter)
+    (old,) = (out / "superseded").iterdir()
+    assert (old / first["image"]).is_file() and (old / "config.yaml").is_file()
+    assert "first training" not in (out / "config.yaml").read_text()
+    assert read_fingerprint(old) != read_fingerprint(out)
+
+
+def read_fingerprint(run_dir: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load((run_dir / "config.yaml").read_text())["fingerprint"]
+
+
+def test_stale_temporary_files_of_dead_processes_are_removed_on_resume(tmp_path, adapter):  # noqa: F811
+    from decode.run import decode_run
+
+    out = tmp_path / "run"
+    decode_run(decode_cfg(out, "prompts.limit=1"), adapter=adapter)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    stale = [out / f".samples.jsonl.tmp-{dead}", out / "images" / f".000001.png.tmp-{dead}"]
+    live = out / f".config.yaml.tmp-{os.getppid()}"  # a running process's file stays
+    for f in [*stale, live]:
+        f.write_bytes(b"partial")
+    decode_run(decode_cfg(out, "prompts.limit=2"), adapter=adapter)
+    assert not any(f.exists() for f in stale) and live.exists()
