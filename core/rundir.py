@@ -17,6 +17,7 @@ the sharding or the decoder, so AR and SJD runs of one seed see the same per-ima
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -24,11 +25,13 @@ import platform
 import socket
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from core.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
@@ -107,6 +110,32 @@ def append_record(path: Path, record: Mapping[str, Any]) -> None:
         f.write(line)
         f.flush()
         os.fsync(f.fileno())
+
+
+class ShardBusy(UserError):
+    """Another process is writing this shard's records now."""
+
+
+@contextlib.contextmanager
+def shard_lock(records_path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``records_path`` (a ``.<name>.lock`` beside it) for one writer per shard.
+
+    A second process for the same shard fails at once with :class:`ShardBusy` (the lock is the kernel's:
+    it goes with the process, so a killed run leaves no stale lock).
+    """
+    import fcntl
+
+    lock = records_path.with_name(f".{records_path.name}.lock")
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ShardBusy(f"another process is decoding into {records_path} now (one writer per shard): "
+                            "wait for it, or give this one another shard.index / out_dir") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def read_records(path: Path, repair: bool = False) -> list[dict]:

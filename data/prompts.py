@@ -229,6 +229,9 @@ def load_file(cfg: Mapping[str, Any]) -> list[Prompt]:
     for i, row in enumerate(rows):
         where = f"{path} (prompt {i})"
         if isinstance(row, str):
+            if not row.strip():
+                raise PromptSetError(f"{where}: an empty prompt string (it would decode an unconditional image); "
+                                     f"remove it or write its text; {fix}")
             out.append(Prompt(i, row.strip()))
         elif isinstance(row, dict):
             out.append(Prompt(i, _text_of(row, where, fix), row.get("category")))

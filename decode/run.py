@@ -33,6 +33,7 @@ from core.rundir import (
     read_records,
     samples_name,
     save_image,
+    shard_lock,
     sync_device,
 )
 from data.prompts import Prompt, load_prompts
@@ -269,14 +270,16 @@ def decode_run(cfg: DictConfig | Mapping[str, Any], *, adapter: Any = None,
     # 2. The run dir: write config.yaml, repair a torn last line, find the finished images.
     prepare_run_dir(run_dir, conf, force=force)
     records_path = run_dir / samples_name(*shard)
-    read_records(records_path, repair=True)
-    todo_all, n_mine = _todo(prompts, per_prompt, shard, finished(run_dir))
-    max_images = conf.get("max_images")
-    todo = todo_all if max_images is None else todo_all[: int(max_images)]
-    # 3. Decode.
-    n_decoded = 0
-    if todo:
-        n_decoded = _decode_images(conf, todo, run_dir, records_path, shard, per_prompt, sampling, adapter, generate_fn)
+    with shard_lock(records_path):  # one writer per shard: a second process fails here at once
+        read_records(records_path, repair=True)
+        todo_all, n_mine = _todo(prompts, per_prompt, shard, finished(run_dir))
+        max_images = conf.get("max_images")
+        todo = todo_all if max_images is None else todo_all[: int(max_images)]
+        # 3. Decode.
+        n_decoded = 0
+        if todo:
+            n_decoded = _decode_images(conf, todo, run_dir, records_path, shard, per_prompt, sampling, adapter,
+                                       generate_fn)
     if conf["prompts"].get("geneval_folder"):
         write_geneval_folder(run_dir, [p for p in prompts if p.idx % shard[1] == shard[0]], per_prompt)
     return RunSummary(run_dir, shard, n_images=n_mine, n_skipped=n_mine - len(todo_all), n_decoded=n_decoded)

@@ -31,8 +31,9 @@ class SamplingConfig:
     top_p: float = 1.0  # nucleus: keep the smallest set with mass >= top_p; 1.0 = off
 
     def __post_init__(self) -> None:
-        if not math.isfinite(self.cfg_scale):
-            raise ValueError(f"sampling.cfg_scale must be a finite number, got {self.cfg_scale}")
+        if not math.isfinite(self.cfg_scale) or self.cfg_scale < 0:
+            raise ValueError(f"sampling.cfg_scale must be a finite number >= 0 (1.0 = no guidance, 0 = "
+                             f"unconditional), got {self.cfg_scale}")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ValueError(
                 f"sampling.temperature must be > 0, got {self.temperature}; for greedy decoding set "

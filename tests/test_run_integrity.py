@@ -133,3 +133,29 @@ def test_stale_temporary_files_of_dead_processes_are_removed_on_resume(tmp_path,
         f.write_bytes(b"partial")
     decode_run(decode_cfg(out, "prompts.limit=2"), adapter=adapter)
     assert not any(f.exists() for f in stale) and live.exists()
+
+
+def test_one_writer_per_shard(tmp_path, adapter):  # noqa: F811
+    from core.rundir import ShardBusy, shard_lock
+    from decode.run import decode_run
+
+    out = tmp_path / "run"
+    decode_run(decode_cfg(out, "prompts.limit=1"), adapter=adapter)
+    # another process decoding this shard now
+    with shard_lock(out / "samples.jsonl"), pytest.raises(ShardBusy, match="one writer per shard"):
+        decode_run(decode_cfg(out, "prompts.limit=2"), adapter=adapter)
+    assert len(records_by_idx(out)) == 1
+    decode_run(decode_cfg(out, "prompts.limit=2"), adapter=adapter)  # the lock went with its holder
+    assert sorted(records_by_idx(out)) == [0, 1]
+
+
+def test_silent_wrong_inputs_are_refused(tmp_path):
+    from data.prompts import PromptSetError, load_prompts
+    from decode.sampling import SamplingConfig
+
+    with pytest.raises(ValueError, match="cfg_scale must be a finite number >= 0"):
+        SamplingConfig(cfg_scale=-1.0)
+    path = tmp_path / "p.json"
+    path.write_text('["a circle", "  "]')
+    with pytest.raises(PromptSetError, match=r"prompt 1\): an empty prompt string"):
+        load_prompts({"kind": "file", "path": str(path)})
