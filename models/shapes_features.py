@@ -30,6 +30,19 @@ N_CLASSES = 1 + len(shapes.SHAPES) * len(shapes.COLORS)  # 0 = empty cell
 NUM_FEATURES = 128
 
 
+MODEL_TEXT = ("ShapesFeatures(width=32): conv3x3 s2 16, conv 32, pool, conv 64, pool, conv 128, pool (4x4) -> "
+              "linear 2048->128 = the features; train head relu -> linear 128 -> 9 cells x 19 classes")
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when inside it (the recipe then reads the same on every clone)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        return str(path.resolve().relative_to(root))
+    except ValueError:
+        return str(path)
+
+
 class ShapesFeatures(nn.Module):
     """uint8 / 0..255 float ``[N, 3, H, W]`` -> features ``[N, 128]`` (``head`` gives the cell logits)."""
 
@@ -39,11 +52,11 @@ class ShapesFeatures(nn.Module):
     def __init__(self, width: int = 32) -> None:
         super().__init__()
         w = width
-        self.trunk = nn.Sequential(  # 64 -> 32 -> 16 -> 8 -> 4 px
-            nn.Conv2d(3, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        self.trunk = nn.Sequential(  # 64 -> 32 (strided) -> 16 -> 8 -> 4 px; objects are 16 px
+            nn.Conv2d(3, w // 2, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(w // 2, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(4 * w, 4 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         )
         self.embed = nn.Linear(4 * w * 4 * 4, NUM_FEATURES)
         self.head = nn.Linear(NUM_FEATURES, N_CELLS * N_CLASSES)
@@ -97,13 +110,14 @@ def evaluate(model: ShapesFeatures, images: torch.Tensor, targets: torch.Tensor)
     return {"cell_accuracy": ok.float().mean().item(), "image_accuracy": ok.all(-1).float().mean().item()}
 
 
-def train(steps: int = 1200, batch_size: int = 64, lr: float = 2e-3, n_train: int = 20000, n_val: int = 1000,
+def train(steps: int = 600, batch_size: int = 64, lr: float = 2e-3, n_train: int = 20000, n_val: int = 1000,
           seed: int = 0, noise: float = 8.0, threads: int = 2, out_dir: str | Path = WEIGHTS_DIR) -> dict:
     """Train on seeded renders (AdamW, cosine lr), save ``model.safetensors`` + ``recipe.json``; the recipe."""
     from safetensors.torch import save_file
 
     recipe = {k: v for k, v in locals().items() if k != "save_file"}
-    recipe["out_dir"] = str(out_dir)
+    recipe["out_dir"] = _shown(Path(out_dir))
+    recipe["model"] = MODEL_TEXT
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -149,7 +163,7 @@ def load_shapes_features(path: str | Path | None = None) -> ShapesFeatures:
 
 def main() -> None:
     p = argparse.ArgumentParser(description="train the shapes image feature network (FID on shapes runs)")
-    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--n-train", type=int, default=20000)
     p.add_argument("--seed", type=int, default=0)
