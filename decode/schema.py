@@ -69,12 +69,9 @@ class Sjd2Options:
 
     def __post_init__(self) -> None:
         from decode import sjd2
-        from models.noisy import NoiseConfig
 
         sjd2.validate_options(self.window, self.init_levels, self.draft_q, self.init_latent, self.jacobi_region)
-        NoiseConfig(schedule=self.schedule, levels=self.denoise_steps, spacing=self.spacing, rho=self.rho,
-                    t_min=self.t_min, t_max=self.t_max, timestep_signal=self.timestep_signal,
-                    signal_levels=self.signal_levels, x0=self.x0)
+        sjd2.noise_config(**vars(self))  # the noise options as the NoiseConfig training used
 
 
 DECODER_OPTIONS: dict[str, type] = {"ar": ArOptions, "sjd": SjdOptions, "sjd2": Sjd2Options}

@@ -25,15 +25,15 @@ from __future__ import annotations
 import torch
 
 from decode.result import DecodeResult
-from decode.sampling import SamplingConfig, final_probs, forced_ids, sample
+from decode.sampling import SamplingConfig, final_probs, forced_ids
 from decode.window import (
     REGIONS,
-    check_generator,
+    check_window,
     grow_mask,
     jacobi_span,
     n_window_drafts,
     one_hot,
-    prefill_forward,
+    open_sequence,
     verify,
 )
 from models.base import FREE, ImageLayout, ModelAdapter, Prefill
@@ -43,9 +43,7 @@ INITS = ("random", "spatial")
 
 def validate_options(window: int, init: str, jacobi_region: str) -> None:
     """Clear errors for impossible SJD settings."""
-    if isinstance(window, bool) or int(window) != window or window < 1:
-        raise ValueError(f"decoder.window must be an integer >= 1 (1 = plain AR; the SJD paper uses 16), "
-                         f"got {window!r}")
+    check_window(window, "1 = plain AR; the SJD paper uses 16")
     if init not in INITS:
         raise ValueError(f"decoder.init must be one of {list(INITS)}, got {init!r}")
     if jacobi_region not in REGIONS:
@@ -103,14 +101,11 @@ def sjd_decode(
     jacobi_region: ``"image"`` (code rows incl. EOLs; AR for head/tail) | ``"all"``.
     """
     validate_options(window, init, jacobi_region)
-    check_generator(generator, adapter.device)
     layout, vocab_size = adapter.layout, adapter.vocab_size
     n_tokens, span = layout.n_tokens, jacobi_span(layout, jacobi_region)
 
-    logits, cache, mask = prefill_forward(adapter, prefill)
+    seq, cache, mask = open_sequence(adapter, prefill, sampling, generator)  # committed, then current drafts
     n_streams, device = mask.shape[0], mask.device
-    seq = torch.zeros(n_tokens, dtype=torch.long, device=device)  # committed, then current drafts
-    seq[:1] = sample(final_probs(logits, torch.tensor([0]), layout, sampling), generator)
     n_committed, per_forward = 1, [1]
     drafts = seq.new_zeros(0)  # drafts for positions n_committed, n_committed + 1, ...
     q = torch.zeros(0, vocab_size, dtype=torch.float32, device=device)  # [n_drafts, V]

@@ -61,22 +61,23 @@ from typing import Any
 import torch
 
 from decode.result import DecodeResult
-from decode.sampling import SamplingConfig, final_probs, forced_ids, sample
+from decode.sampling import SamplingConfig, final_probs, forced_ids
 from decode.schedule import INIT_MODES, initial_levels, step_levels
 from decode.window import (
     REGIONS,
-    check_generator,
+    check_window,
     grow_mask,
     jacobi_span,
     n_window_drafts,
     one_hot,
-    prefill_forward,
+    open_sequence,
     verify,
 )
 from models.base import FREE, ModelAdapter, Prefill
 from models.noisy import (
     EmbeddingNorm,
     NoiseConfig,
+    Sjd2Recipe,
     TimestepSignal,
     alpha_sigma,
     denoise_step,
@@ -147,32 +148,27 @@ class Sjd2Stats:
 
 def validate_options(window: int, init_levels: str, draft_q: str, init_latent: str, jacobi_region: str) -> None:
     """Clear errors for impossible SJD2 settings (noise options are checked by ``NoiseConfig``)."""
-    if isinstance(window, bool) or int(window) != window or window < 1:
-        raise ValueError(f"decoder.window must be an integer >= 1 (inputs per forward; 1 = plain AR; the paper "
-                         f"uses 96 for Lumina-mGPT, 128 for Emu3), got {window!r}")
+    check_window(window, "inputs per forward; 1 = plain AR; the paper uses 96 for Lumina-mGPT, 128 for Emu3")
     for name, value, allowed in (("init_levels", init_levels, INIT_MODES), ("draft_q", draft_q, DRAFT_QS),
                                  ("init_latent", init_latent, INIT_LATENTS), ("jacobi_region", jacobi_region, REGIONS)):
         if value not in allowed:
             raise ValueError(f"decoder.{name} must be one of {list(allowed)}, got {value!r}")
 
 
-def trained_recipe(adapter: ModelAdapter) -> dict | None:
-    """The SJD2 fine-tuning recipe a model carries, if any: ``adapter.sjd2_recipe`` (loaders of HF
-    checkpoints: the ``sjd2.json`` the trainer exports), else tiny's ``config.extra["sjd2"]``."""
-    recipe = getattr(adapter, "sjd2_recipe", None)
-    if recipe is None:
-        extra = getattr(getattr(adapter, "config", None), "extra", None)
-        recipe = extra.get("sjd2") if isinstance(extra, dict) else None
-    return recipe
+def noise_config(denoise_steps: int, **options: Any) -> NoiseConfig:
+    """The decoder's noise options as the one :class:`NoiseConfig` the trainer and the recipe use: the
+    decoder's options are flat and name the level count ``denoise_steps`` (= ``NoiseConfig.levels``);
+    options that are not noise (window, draft_q, ...) are skipped."""
+    known = set(NoiseConfig.__dataclass_fields__) - {"levels"}
+    return NoiseConfig(levels=denoise_steps, **{k: v for k, v in options.items() if k in known})
 
 
-def match_trained_noise(noise: NoiseConfig, recipe: dict | None) -> None:
+def match_trained_noise(noise: NoiseConfig, trained: NoiseConfig | None) -> None:
     """Refuse decoding noise that the model was not trained with (no recipe: nothing to check).
 
     Must match: the schedule, the kind of timestep signal and, for the reserved-token signal, its level
     grid (a different ``denoise_steps`` is fine: ``signal_levels`` = the training levels).
     """
-    trained = trained_noise(recipe)
     if trained is None:
         return
     problems = []
@@ -189,22 +185,6 @@ def match_trained_noise(noise: NoiseConfig, recipe: dict | None) -> None:
     if problems:
         raise ValueError("sjd2 noise options do not match the model's fine-tuning: " + "; ".join(problems)
                          + " (or set decoder.check_trained_noise=false to decode anyway)")
-
-
-def trained_noise(recipe: dict | None) -> NoiseConfig | None:
-    """The :class:`NoiseConfig` of a recipe (unknown keys ignored); None without one."""
-    if not recipe or "noise" not in recipe:
-        return None
-    known = set(NoiseConfig.__dataclass_fields__)
-    return NoiseConfig(**{k: v for k, v in recipe["noise"].items() if k in known})
-
-
-def embedding_norm(adapter: ModelAdapter, recipe: dict | None) -> EmbeddingNorm:
-    """The training's frozen normalisation: ``recipe["norm"]`` ({"mean": [D], "std": [D]}) when the
-    checkpoint carries it, else ``adapter.embedding_stats()`` of the current weights."""
-    if recipe and "norm" in recipe:
-        return EmbeddingNorm(torch.tensor(recipe["norm"]["mean"]), torch.tensor(recipe["norm"]["std"]))
-    return EmbeddingNorm.from_adapter(adapter)
 
 
 class Sjd2Window:
@@ -298,30 +278,28 @@ def sjd2_decode(
     The noise options (``denoise_steps`` = levels K, ``schedule``, ``spacing``, ``rho``, ``t_min``,
     ``t_max``, ``timestep_signal``, ``signal_levels``, ``x0``) form a :class:`models.noisy.NoiseConfig` and
     must match the fine-tuning run: with ``check_trained_noise`` a model that carries its recipe
-    (:func:`trained_recipe`) refuses a mismatch. From a recipe also come the reserved-token level grid
-    (``signal_levels=None``: the training levels, so ``denoise_steps`` may be swept) and the frozen
-    embedding normalisation. ``signal``: an explicit timestep signal (e.g. the trained
-    :class:`models.noisy.TimestepMLP`), else built from ``timestep_signal`` and the adapter.
+    (``adapter.trained_recipe()``) refuses a mismatch. From a recipe also come the reserved-token level
+    grid (``signal_levels=None``: the training levels, so ``denoise_steps`` may be swept), the frozen
+    embedding normalisation and a trained timestep MLP. ``signal``: an explicit timestep signal, else
+    built from ``timestep_signal``, the adapter and the recipe.
     """
     validate_options(window, init_levels, draft_q, init_latent, jacobi_region)
-    check_generator(generator, adapter.device)
-    recipe = trained_recipe(adapter)
-    trained = trained_noise(recipe)
+    recipe = adapter.trained_recipe() or Sjd2Recipe()
+    trained = recipe.noise
     if signal_levels is None and trained is not None:  # the signal grid is the model's, not the decoder's
         signal_levels = trained.n_signal_levels
-    noise = NoiseConfig(schedule=schedule, levels=denoise_steps, spacing=spacing, rho=rho, t_min=t_min,
-                        t_max=t_max, timestep_signal=timestep_signal, signal_levels=signal_levels, x0=x0)
+    noise = noise_config(denoise_steps, schedule=schedule, spacing=spacing, rho=rho, t_min=t_min, t_max=t_max,
+                         timestep_signal=timestep_signal, signal_levels=signal_levels, x0=x0)
     if check_trained_noise:
-        match_trained_noise(noise, recipe)
-    win = Sjd2Window(adapter, noise, signal if signal is not None else make_signal(noise, adapter),
-                     init_latent, draft_q, embedding_norm(adapter, recipe))
+        match_trained_noise(noise, trained)
+    if signal is None:
+        signal = make_signal(noise, adapter, mlp=recipe.timestep_mlp)
+    win = Sjd2Window(adapter, noise, signal, init_latent, draft_q, recipe.norm)
     layout, K = adapter.layout, noise.levels
     n_tokens, span = layout.n_tokens, jacobi_span(layout, jacobi_region)
 
-    logits, cache, mask = prefill_forward(adapter, prefill)
-    n_streams, device = mask.shape[0], mask.device
-    seq = torch.zeros(n_tokens, dtype=torch.long, device=device)  # committed tokens
-    seq[:1] = sample(final_probs(logits, torch.tensor([0]), layout, sampling), generator)
+    seq, cache, mask = open_sequence(adapter, prefill, sampling, generator)  # committed tokens
+    n_streams = mask.shape[0]
     n_committed, n_cached, per_forward = 1, 0, [1]  # n_cached: committed tokens whose KV is in the cache
     slots, stats, opened = win.empty(), Sjd2Stats(), False
 
@@ -369,7 +347,7 @@ def sjd2_decode(
     extra = {"decoder": "sjd2", "window": window, "init_levels": init_levels, "init_latent": init_latent,
              "draft_q": draft_q, "accept_only_clean_inputs": accept_only_clean_inputs,
              "jacobi_region": jacobi_region, "check_trained_noise": check_trained_noise,
-             "norm_from_recipe": bool(recipe and "norm" in recipe), **{f"noise_{k}": v for k, v in asdict(noise).items()},
+             "norm_from_recipe": recipe.norm is not None, **{f"noise_{k}": v for k, v in asdict(noise).items()},
              **stats.as_dict()}
     return DecodeResult(tokens=seq.cpu(), n_forwards=len(per_forward), n_tokens=n_tokens,
                         accepted_per_forward=per_forward, extra=extra)

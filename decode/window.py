@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from decode.sampling import sample
+from decode.sampling import SamplingConfig, final_probs, sample
 from decode.speculative import accept
 from models.base import ImageLayout, ModelAdapter, Prefill
 
@@ -23,6 +23,23 @@ def check_generator(generator: torch.Generator, device: torch.device | str) -> N
             f"the generator lives on {generator.device} but the model on {device}; "
             f"pass torch.Generator(device={str(device)!r}).manual_seed(seed)"
         )
+
+
+def check_window(window: Any, hint: str) -> None:
+    """Refuse a window that is not an integer >= 1 (``hint``: the decoder's own note on the value)."""
+    if isinstance(window, bool) or int(window) != window or window < 1:
+        raise ValueError(f"decoder.window must be an integer >= 1 ({hint}), got {window!r}")
+
+
+def open_sequence(adapter: ModelAdapter, prefill: Prefill, sampling: SamplingConfig,
+                  generator: torch.Generator) -> tuple[torch.Tensor, Any, torch.Tensor]:
+    """The opening every window decoder shares: check the generator, run the prompt, sample token 0 (no
+    window opens before it). Returns (the sequence [n_tokens] with token 0 committed, cache, mask [B, T])."""
+    check_generator(generator, adapter.device)
+    logits, cache, mask = prefill_forward(adapter, prefill)
+    seq = torch.zeros(adapter.layout.n_tokens, dtype=torch.long, device=mask.device)
+    seq[:1] = sample(final_probs(logits, torch.tensor([0]), adapter.layout, sampling), generator)
+    return seq, cache, mask
 
 
 def prefill_forward(adapter: ModelAdapter, prefill: Prefill) -> tuple[torch.Tensor, Any, torch.Tensor]:

@@ -21,6 +21,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from models.noisy import Sjd2Recipe
+
 FREE = -1  # forced_ids() value of a position where any image code may be sampled
 
 
@@ -173,9 +175,13 @@ class ModelAdapter(Protocol):
     def reserved_ids(self) -> tuple[int, ...]:
         """Vocabulary ids the model never uses, available as SJD2 timestep (noise-level) tokens."""
 
-    def export(self, lm_state: dict[str, torch.Tensor], out_dir: Path, recipe: dict) -> None:
+    def export(self, lm_state: dict[str, torch.Tensor], out_dir: Path, recipe: Sjd2Recipe | None) -> None:
         """Write the trained LM weights ``lm_state`` to ``out_dir`` in the model's own format (the trainer
         writes ``sjd2.json`` beside them; ``recipe`` is for formats that also keep it inside)."""
+
+    def trained_recipe(self) -> Sjd2Recipe | None:
+        """The SJD2 fine-tuning this checkpoint went through (noise, frozen norm, timestep MLP); None for
+        a model that was not fine-tuned for SJD2. The one place decoders learn it from."""
 
 
 class HFAdapter:
@@ -191,6 +197,8 @@ class HFAdapter:
     model: torch.nn.Module
     backbone: torch.nn.Module
     lm_head: torch.nn.Module
+    sjd2_recipe: dict | None = None  # sjd2.json as exported (attach_sjd2_extras); read by trained_recipe()
+    timestep_mlp: torch.nn.Module | None = None  # timestep_mlp.safetensors (attach_sjd2_extras)
 
     @property
     def device(self) -> torch.device:
@@ -244,7 +252,15 @@ class HFAdapter:
         rows = weight[self.layout.code_start : self.layout.code_stop]  # [N_codes, D]
         return rows.mean(0), rows.std(0).clamp_min(1e-6)
 
-    def export(self, lm_state: dict[str, torch.Tensor], out_dir: Path, recipe: dict) -> None:
+    def trained_recipe(self) -> Sjd2Recipe | None:
+        raw = self._recipe_json()
+        return None if raw is None else Sjd2Recipe.from_json(raw, self.timestep_mlp)
+
+    def _recipe_json(self) -> dict | None:
+        """Where this format keeps the recipe's JSON (HF checkpoints: ``sjd2.json`` beside the weights)."""
+        return self.sjd2_recipe
+
+    def export(self, lm_state: dict[str, torch.Tensor], out_dir: Path, recipe: Sjd2Recipe | None) -> None:
         """``save_pretrained`` with the trained weights, plus the tokenizer / processor (the recipe goes to
         ``sjd2.json``, written by the trainer)."""
         self.model.save_pretrained(str(out_dir), state_dict=lm_state)
@@ -267,9 +283,10 @@ def left_pad(rows: list[list[int]], pad_id: int) -> Prefill:
 
 
 def attach_sjd2_extras(adapter: Any, ckpt: Path) -> Any:
-    """What the SJD2 trainer exports beside the weights (``train.loop.export_weights``): ``sjd2.json``
-    -> ``adapter.sjd2_recipe`` (the noise the model was trained with), ``timestep_mlp.safetensors`` ->
-    ``adapter.timestep_mlp`` (a :class:`models.noisy.TimestepMLP`). Absent files leave ``None``."""
+    """What the SJD2 trainer exports beside the weights (``train.export.export_weights``): ``sjd2.json``
+    -> ``adapter.sjd2_recipe`` (its JSON), ``timestep_mlp.safetensors`` -> ``adapter.timestep_mlp`` (a
+    :class:`models.noisy.TimestepMLP`); absent files leave ``None``. Read through the typed
+    ``adapter.trained_recipe()``."""
     adapter.sjd2_recipe, adapter.timestep_mlp = None, None
     ckpt = Path(ckpt)
     if (ckpt / "sjd2.json").is_file():

@@ -29,8 +29,8 @@ the training ``levels``) and adds the embedding of that level's reserved vocabul
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -171,6 +171,43 @@ class EmbeddingNorm:
         return z.float() * self.std.to(z.device) + self.mean.to(z.device)
 
 
+@dataclass(frozen=True, eq=False)
+class Sjd2Recipe:
+    """What an SJD2 fine-tuning run leaves with its weights (``sjd2.json``), as the decoder needs it.
+
+    ``noise``: the :class:`NoiseConfig` the model was trained with (the decoder refuses other noise);
+    ``norm``: the frozen embedding statistics the training inputs were normalised with (those of the
+    starting weights); ``timestep_mlp``: the trained :class:`TimestepMLP` (``timestep_signal=mlp``);
+    ``training``: how it was trained (name, layout, objective, optim), kept for the record.
+    """
+
+    noise: NoiseConfig | None = None
+    norm: EmbeddingNorm | None = None
+    timestep_mlp: nn.Module | None = None
+    training: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``sjd2.json`` form (the MLP's weights go to their own file)."""
+        out: dict[str, Any] = {} if self.noise is None else {"noise": asdict(self.noise)}
+        out.update(self.training)
+        if self.norm is not None:
+            out["norm"] = {"mean": self.norm.mean.cpu().tolist(), "std": self.norm.std.cpu().tolist()}
+        return out
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any], timestep_mlp: nn.Module | None = None) -> Sjd2Recipe:
+        """Read ``sjd2.json`` (noise keys this code does not know are ignored: older or newer files)."""
+        noise = None
+        if raw.get("noise") is not None:
+            known = set(NoiseConfig.__dataclass_fields__)
+            noise = NoiseConfig(**{k: v for k, v in raw["noise"].items() if k in known})
+        norm = None
+        if raw.get("norm") is not None:
+            norm = EmbeddingNorm(torch.tensor(raw["norm"]["mean"]), torch.tensor(raw["norm"]["std"]))
+        training = {k: v for k, v in raw.items() if k not in ("noise", "norm")}
+        return cls(noise, norm, timestep_mlp, training)
+
+
 # ----------------------------------------------------------------------------------------------
 # timestep signal
 # ----------------------------------------------------------------------------------------------
@@ -219,7 +256,7 @@ class TimestepMLP(nn.Module):
 
     Zero-initialised output layer, so a fresh module leaves the model unchanged. The trainer adds its
     parameters to the optimizer and saves them with the checkpoint; the decoder finds it as
-    ``adapter.timestep_mlp`` (or gets it passed explicitly).
+    ``adapter.trained_recipe().timestep_mlp`` (or gets it passed explicitly).
     """
 
     def __init__(self, hidden_size: int, freq_dim: int = 64, width: int = 256, max_period: float = 10000.0):
@@ -257,16 +294,15 @@ class NoSignal:
 def make_signal(cfg: NoiseConfig, adapter: Any, mlp: nn.Module | None = None) -> TimestepSignal:
     """The timestep signal ``cfg.timestep_signal`` names, for ``adapter``.
 
-    ``mlp``: the trained :class:`TimestepMLP` (default: ``adapter.timestep_mlp`` if present).
+    ``mlp``: the trained :class:`TimestepMLP` (a checkpoint's ``adapter.trained_recipe().timestep_mlp``).
     """
     if cfg.timestep_signal == "reserved_token":
         return ReservedTokenSignal(adapter, cfg)
     if cfg.timestep_signal == "mlp":
-        mlp = mlp if mlp is not None else getattr(adapter, "timestep_mlp", None)
         if mlp is None:
             raise ValueError(
-                "timestep_signal=mlp needs the trained TimestepMLP: load it with the checkpoint and set "
-                "adapter.timestep_mlp (or pass it explicitly), or use timestep_signal=reserved_token"
+                "timestep_signal=mlp needs the trained TimestepMLP: a checkpoint with timestep_mlp.safetensors "
+                "(its recipe's timestep_mlp) or one passed explicitly; or use timestep_signal=reserved_token"
             )
         return mlp
     mean, _ = adapter.embedding_stats()

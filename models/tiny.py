@@ -12,11 +12,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from models.base import HFAdapter, ImageLayout, Prefill, attach_sjd2_extras, left_pad
+from models.noisy import Sjd2Recipe
 
 # Vocabulary map (fixed; the word list and the codebook size come from the checkpoint's config).
 PAD, BOS, EOS, IMG_START, IMG_END, EOL = 0, 1, 2, 3, 4, 5
@@ -148,10 +150,17 @@ class TinyAdapter(HFAdapter):
         grid = self._need_vq().encode(image)
         return self.layout.sequence(grid + CODE_BASE)
 
-    def export(self, lm_state: dict[str, torch.Tensor], out_dir: Path, recipe: dict) -> None:
+    def _recipe_json(self) -> dict | None:
+        """``sjd2.json`` when loaded from disk, else the copy the tiny format keeps in ``config.extra``."""
+        return self.sjd2_recipe if self.sjd2_recipe is not None else self.config.extra.get("sjd2")
+
+    def export(self, lm_state: dict[str, torch.Tensor], out_dir: Path, recipe: Sjd2Recipe | None) -> None:
         """The tiny format (config.json + model.safetensors + vq.safetensors) with the recipe also in
-        ``config.extra["sjd2"]``."""
-        config = replace(self.config, extra={**dict(self.config.extra), "sjd2": recipe})
+        ``config.extra["sjd2"]`` (no recipe: plain pretraining, no ``sjd2`` entry)."""
+        extra = {k: v for k, v in self.config.extra.items() if k != "sjd2"}
+        if recipe is not None:
+            extra["sjd2"] = recipe.to_json()
+        config = replace(self.config, extra=extra)
         model = LlamaForCausalLM(config.llama_config())
         model.load_state_dict({k: v.float() for k, v in lm_state.items()})
         save(TinyAdapter(model, config, vq=self.vq, image_size=self.image_size, name=self.name), out_dir)
@@ -208,15 +217,77 @@ def load(path: str | Path, device: str = "cpu", dtype: str = "float32", image_si
     return attach_sjd2_extras(TinyAdapter(model, config, vq=vq, image_size=image_size, name=name), path)
 
 
-def load_from_config(cfg: Mapping[str, Any]) -> TinyAdapter:
-    """``conf/model/tiny*.yaml`` -> adapter. ``random_init: true`` builds an untrained model."""
-    if cfg.get("random_init", False):
-        from data.shapes import VOCAB
+@dataclass(frozen=True)
+class TinyModelConfig:
+    """``conf/model/tiny*.yaml``: every key is in the YAML (no default hides in code); unknown keys are refused.
 
-        config = TinyConfig(words=tuple(VOCAB), n_codes=int(cfg.get("n_codes", 64)))
-        seed = int(cfg.get("seed", 0))
-        return build(config, seed=seed, vq=random_vq(config, seed), image_size=int(cfg.get("image_size", 64)),
-                     name=cfg.get("name", "tiny_random"))
-    return load(cfg["path"], device=cfg.get("device", "cpu"), dtype=cfg.get("dtype", "float32"),
-                image_size=int(cfg.get("image_size", 64)), name=cfg.get("name", "tiny"),
-                vq_path=cfg.get("vq_path"))
+    ``random_init: true`` builds an untrained model instead of loading ``path``; then ``seed`` (weights and
+    random codebook), ``architecture`` (:class:`TinyConfig` sizes) and the image tokenizer are needed: a
+    random codebook of ``n_codes`` codes, or with ``vq_fit_images > 0`` the shapes VQ fitted on that many
+    rendered scenes drawn from ``vq_fit_seed`` (``n_codes`` codes; 0: the shapes VQ's default).
+    """
+
+    family: str
+    name: str
+    path: str | None
+    vq_path: str | None
+    image_size: int
+    device: str
+    dtype: str
+    random_init: bool
+    n_codes: int | None = None  # random_init only (the YAML of a random model states it)
+    seed: int | None = None
+    architecture: dict | None = None
+    vq_fit_images: int = 0
+    vq_fit_seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.random_init:
+            missing = [k for k in ("n_codes", "seed", "architecture") if getattr(self, k) is None]
+            if self.vq_fit_images > 0 and self.vq_fit_seed is None:
+                missing.append("vq_fit_seed")
+            if missing:
+                raise ValueError(f"model {self.name!r} has random_init: true but no {missing}; set them in its "
+                                 "conf/model/*.yaml (see conf/model/tiny_random.yaml)")
+        elif not self.path:
+            raise ValueError(f"model {self.name!r} needs model.path (a tiny checkpoint folder) or random_init: true")
+
+
+def shapes_images(n: int, seed: int) -> np.ndarray:
+    """``n`` rendered shapes scenes uint8 [n, 64, 64, 3], drawn as ``train.tiny_recipe`` draws its training
+    examples (one generator seeded ``seed``; its colour-share draw is kept so the same scenes come out)."""
+    from data import shapes
+
+    rng = np.random.default_rng(seed)
+    images = []
+    for _ in range(n):
+        rng.random()  # the recipe's colour-share draw (share 0 here)
+        _, _, scene = shapes.sample_example(rng, None)
+        images.append(shapes.render(scene))
+    return np.stack(images)
+
+
+def build_from_config(cfg: TinyModelConfig) -> TinyAdapter:
+    """An untrained tiny model with a random codebook or a freshly fitted shapes VQ (``random_init``)."""
+    from data.shapes import VOCAB
+
+    vq = None
+    if cfg.vq_fit_images > 0:
+        from models.shapes_vq import fit
+
+        images = shapes_images(cfg.vq_fit_images, cfg.vq_fit_seed)
+        vq = fit(images, **({"n_codes": cfg.n_codes} if cfg.n_codes else {}), seed=cfg.seed)
+    config = TinyConfig(words=tuple(VOCAB), n_codes=vq.n_codes if vq is not None else cfg.n_codes,
+                        **cfg.architecture)
+    return build(config, seed=cfg.seed, vq=vq if vq is not None else random_vq(config, cfg.seed),
+                 image_size=cfg.image_size, name=cfg.name)
+
+
+def load_from_config(cfg: Mapping[str, Any]) -> TinyAdapter:
+    """``conf/model/tiny*.yaml`` -> adapter (:class:`TinyModelConfig`)."""
+    from models.hf_common import config_from_mapping
+
+    c = config_from_mapping(TinyModelConfig, cfg)
+    if c.random_init:
+        return build_from_config(c)
+    return load(c.path, device=c.device, dtype=c.dtype, image_size=c.image_size, name=c.name, vq_path=c.vq_path)

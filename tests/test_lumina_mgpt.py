@@ -220,7 +220,7 @@ def test_lumina_checkpoint_with_single_row_qk_norm_loads(tmp_path, lumina_shared
 
 
 def test_fine_tuned_export_loads_with_its_sjd2_extras(tmp_path, lumina_shared_norm):
-    """What train.loop.export_weights writes for HF models: save_pretrained (expanded norms) + sjd2.json
+    """What train.export.export_weights writes for HF models: save_pretrained (expanded norms) + sjd2.json
     + timestep_mlp.safetensors."""
     from safetensors.torch import save_file
 

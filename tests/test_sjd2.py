@@ -14,7 +14,7 @@ from decode.api import resolve_decoder
 from decode.ar import ar_decode
 from decode.sampling import SamplingConfig, final_probs
 from decode.sjd2 import Sjd2Window, sjd2_decode
-from models.noisy import NoiseConfig, make_signal, noisy_embedding
+from models.noisy import NoiseConfig, Sjd2Recipe, make_signal, noisy_embedding
 from models.tiny import build
 from tests.conftest import RecomputeChecked, micro_config, reinit
 
@@ -53,6 +53,9 @@ class KVChecked(RecomputeChecked):
     @property
     def reserved_ids(self):
         return self.inner.reserved_ids
+
+    def trained_recipe(self):
+        return self.inner.trained_recipe()
 
 
 def check_bookkeeping(res, layout):
@@ -285,7 +288,7 @@ def test_forced_positions_are_clean_slots_of_the_forced_id(adapter):
 def with_recipe(adapter, recipe):
     """A shallow view of ``adapter`` that carries an SJD2 recipe (as a fine-tuned checkpoint does)."""
     view = KVChecked(adapter)
-    view.sjd2_recipe = recipe
+    view.trained_recipe = lambda: Sjd2Recipe.from_json(recipe)
     return view
 
 
@@ -342,3 +345,34 @@ def test_default_sjd2_on_the_fine_tuned_tiny_respects_the_layout(tiny_sjd2_train
                           torch.Generator().manual_seed(seed), window=32, denoise_steps=10)
         assert layout.violations(res.tokens) == []
         assert sum(res.accepted_per_forward) == layout.n_tokens and min(res.accepted_per_forward) >= 1
+
+
+def test_the_noise_is_one_type_from_trainer_through_the_exported_recipe_to_the_decoder():
+    import json
+
+    from decode.schema import Sjd2Options
+    from decode.sjd2 import noise_config
+    from models.noisy import EmbeddingNorm
+    from train.config import TrainConfig
+    from train.export import sjd2_recipe
+
+    trained = TrainConfig(noise=NoiseConfig(levels=7, t_min=0.02, spacing="uniform"))
+    norm = EmbeddingNorm(torch.arange(4.0) + 1, torch.full((4,), 2.0))
+    back = Sjd2Recipe.from_json(json.loads(json.dumps(sjd2_recipe(trained, norm).to_json())))
+    assert back.noise == trained.noise and back.training["name"] == trained.name
+    assert torch.equal(back.norm.mean, norm.mean) and torch.equal(back.norm.std, norm.std)
+    options = Sjd2Options(denoise_steps=7, t_min=0.02, spacing="uniform")
+    assert noise_config(**vars(options)) == trained.noise
+
+
+def test_a_fine_tuned_checkpoint_declares_its_recipe_through_the_protocol():
+    from omegaconf import OmegaConf
+
+    from core.config import compose_config
+    from models import load_adapter
+
+    tuned = load_adapter(OmegaConf.to_container(compose_config(["model=tiny_sjd2"]).model))
+    recipe = tuned.trained_recipe()
+    assert isinstance(recipe, Sjd2Recipe) and isinstance(recipe.noise, NoiseConfig)
+    assert recipe.norm is not None and recipe.norm.mean.numel() == tuned.model.config.hidden_size
+    assert build(tuned.config.__class__(words=tuned.config.words, n_codes=8)).trained_recipe() is None
