@@ -79,3 +79,13 @@ MAX_LINES = 400
 def test_no_file_over_the_line_limit():
     long = {str(p.relative_to(REPO)): n for p in sources() if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"files over {MAX_LINES} lines: {long}"
+
+
+CONCRETE_MODELS = ("models.tiny", "models.shapes_vq", "models.lumina_mgpt", "models.emu3", "models.chameleon_vqgan",
+                   "models.hf_common")
+
+
+def test_train_reaches_models_only_through_the_registry_and_the_protocol():
+    bad = [(m, i) for m, deps in graph().items() if m.split(".")[0] == "train"
+           for i in deps if i.startswith(CONCRETE_MODELS)]
+    assert not bad, f"train/ must not import a concrete model module (use models.load_adapter): {bad}"

@@ -74,7 +74,7 @@ class TrainConfig:
     export_dir: str | None = None  # final weights in the model's own format; None: <run_dir>/export
     optim: OptimConfig = field(default_factory=OptimConfig)
     layout: NoiseLayoutConfig = field(default_factory=NoiseLayoutConfig)
-    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    noise: NoiseConfig | None = field(default_factory=NoiseConfig)  # None: plain next-token training
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
@@ -97,7 +97,9 @@ def train_config_from_dict(raw: dict[str, Any]) -> TrainConfig:
         raise ValueError(f"unknown train config keys {sorted(unknown)}; known: {sorted(known)}")
     kwargs = {}
     for key, value in raw.items():
-        if key in nested:
+        if key == "noise" and value is None:
+            kwargs[key] = None  # plain next-token training (tiny's pretraining): no noise, no SJD2 recipe
+        elif key in nested:
             cls = nested[key]
             bad = set(value or {}) - set(cls.__dataclass_fields__)
             if bad:

@@ -44,20 +44,19 @@ def init_distributed(cfg: TrainConfig) -> Dist:
     return dist
 
 
-def warmup_cosine(step: int, total: int, warmup_steps: int, min_lr_ratio: float, peak: float = 1.0) -> float:
-    """The lr at optimizer step ``step`` (0-based) for peak lr ``peak`` (1.0: the multiplier of the peak):
-    linear warm-up from peak/warmup_steps to peak over the first ``warmup_steps`` steps, then a half cosine
-    from peak down to ``min_lr_ratio * peak`` at ``total`` (held there after it). ``peak`` multiplies first
-    so that train/tiny_recipe.py's lrs stay bit-identical to the ones its checkpoint was trained with.
+def warmup_cosine(step: int, total: int, warmup_steps: int, min_lr_ratio: float) -> float:
+    """The multiplier of the peak lr at optimizer step ``step`` (0-based): linear warm-up from
+    1/warmup_steps to 1 over the first ``warmup_steps`` steps, then a half cosine down to ``min_lr_ratio``
+    at ``total`` (held there after it).
 
     Not transformers' ``get_cosine_with_min_lr_schedule_with_warmup``: that one starts the warm-up at 0
     (step 0 would not train) and reaches the peak one step later, so every warm-up factor and the cosine
     would shift by one step (checked: up to 1/warmup_steps apart for the conf/train/*.yaml settings).
     """
     if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
+        return (step + 1) / warmup_steps
     frac = (step - warmup_steps) / max(1, total - warmup_steps)
-    return peak * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
 
 
 def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:

@@ -152,7 +152,7 @@ def fit(
         stats = []
         for keys in plan.micro_keys(step, dist.rank):
             batch = make_batch([records[i] for _, i in keys], keys, adapter.layout, uncond, pad,
-                               cfg.layout, cfg.noise.levels, cfg.seed)
+                               cfg.layout, cfg.noise.levels if cfg.noise else 0, cfg.seed)
             stats.append(engine.forward_backward(batch))
         grad_norm = engine.optimizer_step()
         row = _step_row(step, plan, stats, lr, grad_norm, time.perf_counter() - t0, dist, engine.device)
@@ -182,7 +182,7 @@ def fit(
 
 
 def _build_module(adapter: Any, cfg: TrainConfig) -> NoisyLM:
-    norm = EmbeddingNorm.from_adapter(adapter)  # frozen statistics of the starting weights
+    norm = EmbeddingNorm.from_adapter(adapter) if cfg.noise else None  # frozen statistics of the starting weights
     module = NoisyLM(adapter, cfg.noise, norm, cfg.objective)
     if cfg.grad_checkpointing:
         kwargs = {"use_reentrant": False}

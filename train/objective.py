@@ -65,7 +65,7 @@ class NoisyLM(nn.Module):
     ``lm`` (never registered twice).
     """
 
-    def __init__(self, adapter, noise: NoiseConfig, norm: EmbeddingNorm, objective: ObjectiveConfig):
+    def __init__(self, adapter, noise: NoiseConfig | None, norm: EmbeddingNorm | None, objective: ObjectiveConfig):
         super().__init__()
         self.adapter = adapter  # not an nn.Module: no parameters registered through it
         self.lm = adapter.model
@@ -73,7 +73,10 @@ class NoisyLM(nn.Module):
         self._backbone = _submodule_name(self.lm, adapter.backbone)
         self._lm_head = _submodule_name(self.lm, adapter.lm_head)
         # float32 statistics kept off the module (a bf16 cast of the module must not round them)
-        self.norm = EmbeddingNorm(norm.mean, norm.std)
+        self.norm = EmbeddingNorm(norm.mean, norm.std) if norm is not None else None
+        self.timestep_mlp, self._signal_fn = None, None
+        if noise is None:  # plain next-token training: clean inputs only, nothing to normalise or signal
+            return
         d = int(norm.mean.numel())
         if noise.timestep_signal == "mlp":
             self.timestep_mlp = TimestepMLP(d, width=objective.timestep_mlp_width)
@@ -89,6 +92,8 @@ class NoisyLM(nn.Module):
     def inputs_embeds(self, input_ids: torch.Tensor, levels: torch.Tensor, noise_seeds: torch.Tensor) -> torch.Tensor:
         """Clean embeddings with the noisy positions replaced by their noised version: [B, T, D]."""
         emb = self.lm.get_submodule(self._backbone).get_input_embeddings()(input_ids)  # [B, T, D]
+        if self.noise is None:
+            return emb
         noisy = levels > 0
         # No data-dependent shortcut when nothing is noisy: under ZeRO-3 every rank must call the same
         # modules (the signal's embedding / MLP) in the same order, or the parameter all-gathers deadlock.

@@ -120,7 +120,7 @@ def wandb_logger(wcfg: DictConfig, run_dir: Path, config: dict) -> tuple[Callabl
 
 def model_config_for_rank(model_cfg: dict) -> dict:
     """Under torchrun each rank loads its model onto its own GPU (``cuda`` -> ``cuda:$LOCAL_RANK``)."""
-    device = str(model_cfg.get("device", "cpu"))
+    device = str(model_cfg["device"])  # every conf/model/*.yaml states it
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device == "cuda":
         return {**model_cfg, "device": f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"}
     return model_cfg

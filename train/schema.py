@@ -29,7 +29,11 @@ def mutable_mirror(cls: type) -> type:
     specs = []
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
-        if dataclasses.is_dataclass(kind):
+        inner = [a for a in typing.get_args(kind) if a is not type(None)]
+        if len(inner) == 1 and dataclasses.is_dataclass(inner[0]):  # ``X | None`` of a dataclass
+            mirror = mutable_mirror(inner[0])
+            specs.append((f.name, typing.Optional[mirror], field(default_factory=mirror)))  # noqa: UP045
+        elif dataclasses.is_dataclass(kind):
             kind = mutable_mirror(kind)
             specs.append((f.name, kind, field(default_factory=kind)))
         elif f.default is not dataclasses.MISSING:

@@ -1,32 +1,37 @@
 """Recipe of the embedded ``tiny`` model: shapes tokenizer + plain next-token training on CPU.
 
-``make tiny-model`` == ``python -m train.tiny_recipe``. Seeded; on 2 CPU cores it takes about 45 minutes
-(most of it the model; the tokenizer takes seconds). Writes ``models/weights/tiny/`` (config.json,
-model.safetensors, vq.safetensors, recipe.json with the measured numbers) and ``loss.csv``.
+``make tiny-model`` == ``python -m train.tiny_recipe`` (three phases, see the Makefile). Seeded; on 2 CPU
+cores phase 1 takes about 45 minutes. Writes ``--out-dir`` (default ``models/weights/tiny/``: config.json,
+model.safetensors, vq.safetensors, recipe.json with the measured numbers, loss.csv).
 
 Steps:
-1. fit the patch VQ (k-means) on rendered shapes scenes;
-2. tokenise a fixed training set (caption -> word ids, image -> image sequence);
-3. train a small Llama for next-token prediction on the image sequence (prompt dropout for CFG);
+1. the untrained model of ``conf/model/tiny_scratch.yaml`` (its loader fits the shapes patch VQ by
+   k-means on rendered scenes), or ``--init-from`` a tiny checkpoint (its VQ is kept);
+2. tokenise a fixed training set (caption -> word ids, image -> image sequence) through the adapter;
+3. train through the common loop (:func:`train.loop.fit`) with ``conf/train/tiny_pretrain.yaml``, the flags
+   below overriding its values: next-token prediction on the image sequence, prompt dropout for CFG;
 4. measure AR sampling with CFG on the shapes evaluation prompts and record the per-category scores.
+
+Only the adapter protocol and the model registry are used (``train/`` imports no concrete model module).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from models import REPO_ROOT
-from models.tiny import BOS, PAD, TinyConfig, build, save
-from train.engines import warmup_cosine
-
-IGNORE = -100
+from core.config import compose_config
+from models import REPO_ROOT, load_adapter
+from train.config import TrainConfig, train_config_from_dict
+from train.loop import fit
 
 
 @dataclass(frozen=True)
@@ -79,65 +84,45 @@ def make_examples(n: int, seed: int, colour_share: float = 0.0):
     return caps, np.stack(imgs)
 
 
-def tokenize(adapter, captions: list[str], images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded [N, T] ids and the per-row prompt length (incl. padding) of the training set."""
-    vq = adapter.vq
-    grids = torch.cat([vq.encode_batch(images[i : i + 2048]) for i in range(0, len(images), 2048)])
-    prompts = [adapter.prompt_ids(c) for c in captions]
-    p_max = max(len(p) for p in prompts)
-    n_img = adapter.layout.n_tokens
-    ids = torch.full((len(prompts), p_max + n_img), PAD, dtype=torch.long)
-    for i, (p, g) in enumerate(zip(prompts, grids)):
-        ids[i, p_max - len(p) : p_max] = torch.tensor(p)
-        ids[i, p_max:] = adapter.layout.sequence(g + adapter.layout.code_start)
-    return ids, torch.full((len(prompts),), p_max, dtype=torch.long)
+def tokenize(adapter, captions: list[str], images: np.ndarray) -> list[tuple[list[int], int]]:
+    """``(input_ids, prompt_len)`` training records: the caption's prompt ids + the image sequence."""
+    out = []
+    for caption, image in zip(captions, images):
+        prompt = list(adapter.prompt_ids(caption))
+        out.append((prompt + adapter.encode_image(image).tolist(), len(prompt)))
+    return out
 
 
-def batch_tensors(ids: torch.Tensor, p_max: int, drop: torch.Tensor):
-    """(input_ids, attention_mask, labels) with the prompt of rows in ``drop`` replaced by ``<bos>``."""
-    ids = ids.clone()
-    ids[drop, :p_max] = PAD
-    ids[drop, p_max - 1] = BOS
-    mask = (ids != PAD).long()
-    labels = ids.clone()
-    labels[:, :p_max] = IGNORE  # loss on the image sequence only
-    return ids, mask, labels
+def train_config(cfg: RecipeConfig) -> TrainConfig:
+    """``conf/train/tiny_pretrain.yaml`` with this phase's flags."""
+    o = cfg
+    overrides = [f"train.seed={o.seed + 1}", f"train.max_steps={o.steps}", f"train.micro_batch={o.batch_size}",
+                 f"train.global_batch={o.batch_size}", f"train.bf16={o.bf16}", f"train.optim.lr={o.lr}",
+                 f"train.optim.min_lr_ratio={o.min_lr_ratio}", f"train.optim.warmup_steps={o.warmup_steps}",
+                 f"train.optim.weight_decay={o.weight_decay}", f"train.optim.grad_clip={o.grad_clip}",
+                 f"train.layout.prompt_dropout={o.prompt_dropout}", "run_dir=unused"]
+    conf = compose_config(["train=tiny_pretrain", *overrides], config_name="train")
+    return train_config_from_dict(OmegaConf.to_container(conf.train, resolve=True))
 
 
-def lr_at(step: int, cfg: RecipeConfig) -> float:
-    return warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio, peak=cfg.lr)
+def model_config(cfg: RecipeConfig) -> dict:
+    """``conf/model/tiny_scratch.yaml`` with this phase's sizes, or the ``--init-from`` checkpoint."""
+    if cfg.init_from:
+        overrides = ["model=tiny", f"model.path={cfg.init_from}"]
+    else:
+        overrides = ["model=tiny_scratch", f"model.seed={cfg.seed}", f"model.n_codes={cfg.n_codes}",
+                     f"model.vq_fit_images={cfg.vq_fit_images}", f"model.vq_fit_seed={cfg.seed + 7}",
+                     *(f"model.architecture.{k}={getattr(cfg, k)}" for k in
+                       ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"))]
+    return OmegaConf.to_container(compose_config(overrides, config_name="train").model, resolve=True)
 
 
-def train(adapter, ids: torch.Tensor, p_max: int, cfg: RecipeConfig, out: Path) -> list[float]:
-    model = adapter.model.train()
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.95),
-    )
-    losses = []
-    with open(out / (f"loss_continued_seed{cfg.seed}.csv" if cfg.init_from else "loss.csv"), "w") as f:
-        f.write("step,loss,lr\n")
-        for step in (bar := tqdm(range(cfg.steps), desc="train tiny", dynamic_ncols=True)):
-            rows = torch.randint(0, len(ids), (cfg.batch_size,), generator=gen)
-            drop = torch.rand(cfg.batch_size, generator=gen) < cfg.prompt_dropout
-            x, mask, labels = batch_tensors(ids[rows], p_max, drop)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, cfg)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss = model(input_ids=x, attention_mask=mask, labels=labels).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            f.write(f"{step},{losses[-1]:.5f},{lr_at(step, cfg):.3e}\n")
-            f.flush()
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    model.eval()
-    return losses
+def train(adapter, records, cfg: RecipeConfig, out: Path, run_dir: Path | None = None) -> list[float]:
+    """This phase through :func:`train.loop.fit`; the weights go to ``out``, the loss curve beside them."""
+    run_dir = run_dir or REPO_ROOT / "runs" / "train" / f"tiny_recipe-seed{cfg.seed}-{int(time.time())}"
+    res = fit(adapter, records, replace(train_config(cfg), export_dir=str(out)), run_dir, resume=False)
+    shutil.copyfile(run_dir / "loss.csv", out / (f"loss_continued_seed{cfg.seed}.csv" if cfg.init_from else "loss.csv"))
+    return res.losses
 
 
 def evaluate(adapter, n_prompts: int, cfg_scale: float, top_k: int, seed: int) -> dict:
@@ -187,52 +172,37 @@ def main(argv: list[str] | None = None) -> None:
     out = out if out.is_absolute() else REPO_ROOT / out
     out.mkdir(parents=True, exist_ok=True)
 
-    from data import shapes
-    from models.shapes_vq import fit
-    from models.tiny import load
-
     if args.eval_only:
-        adapter = load(out)
+        adapter = load_adapter({**model_config(RecipeConfig(init_from=str(out))), "name": "tiny"})
         print(json.dumps(evaluate(adapter, cfg.eval_prompts, cfg.eval_cfg_scale, cfg.eval_top_k, cfg.seed), indent=1))
         return
 
     t0 = time.time()
     previous = None
+    adapter = load_adapter(model_config(cfg))  # tiny_scratch: the shapes VQ is fitted here
     if cfg.init_from:
         init_dir = REPO_ROOT / cfg.init_from if not Path(cfg.init_from).is_absolute() else Path(cfg.init_from)
-        adapter = load(init_dir)
-        adapter.model.float()
-        vq = adapter.vq
         if (init_dir / "recipe.json").is_file():
             previous = json.loads((init_dir / "recipe.json").read_text())
-        print(f"[tiny] continuing from {init_dir} ({vq.n_codes} codes)")
+        print(f"[tiny] continuing from {init_dir} ({adapter.layout.n_codes} codes)")
     else:
-        _, vq_imgs = make_examples(cfg.vq_fit_images, cfg.seed + 7)
-        vq = fit(vq_imgs, **({"n_codes": cfg.n_codes} if cfg.n_codes else {}), seed=cfg.seed)
-        print(f"[tiny] shapes VQ: {vq.n_codes} codes, fitted in {time.time() - t0:.0f}s")
-        config = TinyConfig(
-            words=tuple(shapes.VOCAB), n_codes=vq.n_codes, hidden_size=cfg.hidden_size,
-            num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-            intermediate_size=cfg.intermediate_size,
-        )
-        adapter = build(config, seed=cfg.seed, vq=vq)
-    vq.save(out / "vq.safetensors")
+        print(f"[tiny] shapes VQ: {adapter.layout.n_codes} codes, fitted in {time.time() - t0:.0f}s")
     t_vq = time.time() - t0
     n_params = sum(p.numel() for p in adapter.model.parameters())
     t1 = time.time()
     captions, images = make_examples(cfg.train_examples, cfg.seed, cfg.colour_share)
-    ids, p_len = tokenize(adapter, captions, images)
-    print(f"[tiny] {n_params / 1e6:.2f}M parameters; {len(ids)} training sequences of {ids.shape[1]} tokens "
-          f"({time.time() - t1:.0f}s)")
+    records = tokenize(adapter, captions, images)
+    print(f"[tiny] {n_params / 1e6:.2f}M parameters; {len(records)} training sequences of {len(records[0][0])} "
+          f"tokens ({time.time() - t1:.0f}s)")
 
     t2 = time.time()
-    losses = train(adapter, ids, int(p_len[0]), cfg, out)
+    losses = train(adapter, records, cfg, out)  # exports the weights and the VQ to out
     t_train = time.time() - t2
-    save(adapter, out)
+    adapter.model.eval()
     t3 = time.time()
     scores = evaluate(adapter, cfg.eval_prompts, cfg.eval_cfg_scale, cfg.eval_top_k, cfg.seed) if cfg.eval_prompts else {}
     recipe = {
-        "recipe": asdict(cfg), "previous_phase": previous, "n_params": n_params, "n_codes": vq.n_codes,
+        "recipe": asdict(cfg), "previous_phase": previous, "n_params": n_params, "n_codes": adapter.layout.n_codes,
         "train_time_s": round(t_train, 1),
         "vq_time_s": round(t_vq, 1), "eval_time_s": round(time.time() - t3, 1), "final_loss": float(np.mean(losses[-50:])),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "shapes_scores_ar_cfg": scores,
