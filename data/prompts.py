@@ -110,10 +110,16 @@ def load_shapes(cfg: Mapping[str, Any]) -> list[Prompt]:
     fix = "regenerate it with `python -m data.shapes` or set prompts.path to a shapes jsonl"
     path = _require_file(cfg.get("path") or shapes.EVAL_PATH, "prompts=shapes", fix)
     rows = _read_jsonl(path, fix)
+    from data.shapes_check import caption_metadata
+
     out = []
     for i, row in enumerate(rows):
-        where = f"{path}:{i + 1}"
-        out.append(Prompt(int(row.get("idx", i)), _text_of(row, where, fix), row.get("category")))
+        text = _text_of(row, f"{path}:{i + 1}", fix)
+        try:  # GenEval's metadata of the caption: the geneval folder / metric score shapes runs by GenEval's rules
+            meta = caption_metadata(text)
+        except ValueError:  # outside the caption grammar: no metadata (the shapes score refuses it later)
+            meta = {}
+        out.append(Prompt(int(row.get("idx", i)), text, row.get("category"), meta=meta))
     return out
 
 

@@ -63,7 +63,10 @@ METRICS: dict[str, Metric] = {
     "shapes": Metric("shapes", "eval.shapes_score:shapes_metric", applies=lambda run: _prompt_kind(run) in SHAPES_KINDS),
     "fid": Metric("fid", "eval.fid:fid_metric", applies=lambda run: _prompt_kind(run) in COCO_KINDS),
     "clip_score": Metric("clip_score", "eval.clip_score:clip_score_metric"),
-    "geneval": Metric("geneval", "eval.geneval:geneval_metric", applies=lambda run: _prompt_kind(run) == "geneval"),
+    # GenEval's prompts, or any run decoded with prompts.geneval_folder=true (e.g. shapes: its captions'
+    # GenEval metadata, scored by the same rules over the shapes detector)
+    "geneval": Metric("geneval", "eval.geneval:geneval_metric",
+                      applies=lambda run: _prompt_kind(run) == "geneval" or (run.run_dir / "geneval").is_dir()),
 }
 
 
