@@ -199,7 +199,7 @@ def test_inception_path_runs_on_a_torchscript_stand_in(tmp_path, monkeypatch):
     res = fid.fid_metric(load_run(run_dir), {"reference_dir": str(ref), "cache_dir": str(tmp_path / "c")})
     assert res["fid_features"].startswith("clean_fid_inception@") and np.isfinite(res["fid"])
     assert res["fid_n_real"] == res["fid_n_generated"] == 6
-    assert all(s[:2] == ((6, 3, 299, 299), torch.float32) and 0 <= s[2] and s[3] <= 255 for s in seen)
+    assert len(seen) == 2 and all(s[:2] == ((6, 3, 299, 299), torch.float32) and 0 <= s[2] and s[3] <= 255 for s in seen)
 
 
 @pytest.mark.parametrize("resize", ["clean", "pytorch_fid"])
