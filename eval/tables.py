@@ -31,8 +31,8 @@ def _option_columns(scores: Sequence[Mapping[str, Any]]) -> list[tuple[str, str,
         vals = [s["decoder_options"][k] for s in scores if k in s["decoder_options"]]
         if k in KEY_OPTIONS or _varying(vals):
             cols.append((k, "decoder_options", k))
-    for k in sorted({k for s in scores for k in s["sampling"]}):
-        if _varying([s["sampling"].get(k) for s in scores]):
+    for k in sorted({k for s in scores for k in s["sampling"]}):  # a render run has no sampling: not variation
+        if _varying([s["sampling"][k] for s in scores if k in s["sampling"]]):
             cols.append((k, "sampling", k))
     for k in ("prompts", "seed"):
         if _varying([s.get(k) for s in scores]):
