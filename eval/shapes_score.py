@@ -10,41 +10,45 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from eval.images import Unreadable, iter_images, warn_unreadable, write_per_image
+
 PROTOCOL = ("data.shapes_check.check on the saved PNG (GenEval's rules over the shapes detector, the caption as "
             "GenEval metadata); overall = mean over categories of the share correct")
 
 
-def check_images(run_dir: Path, records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Per image: {idx, sample, category, correct}, read from ``run_dir / record["image"]``."""
-    from PIL import Image
-
+def check_images(run_dir: Path, records: Sequence[Mapping[str, Any]],
+                 unreadable: Unreadable | None = None) -> list[dict[str, Any]]:
+    """Per readable image: {idx, sample, category, correct}; unreadable ones go to ``unreadable``."""
     from data.shapes_check import check
 
+    unreadable = Unreadable() if unreadable is None else unreadable
     out = []
-    for r in records:
-        path = Path(run_dir) / r["image"]
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is listed in {run_dir}/samples*.jsonl but missing: remove the line of "
-                                    f"idx {r['idx']} from that file and re-run decode to redo the image")
-        with Image.open(path) as im:
-            res = check(im.convert("RGB"), r["prompt"])
+    for r, image in iter_images(Path(run_dir), records, unreadable):
+        res = check(image, r["prompt"])
         out.append({"idx": r["idx"], "sample": r.get("sample", 0), "category": res["category"],
                     "correct": bool(res["correct"])})
     return out
 
 
-def shapes_scores(run_dir: Path, records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """``shapes_overall``, ``shapes_accuracy`` and ``shapes_<category>`` of one run."""
+def shapes_scores(run_dir: Path, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """``shapes_overall``, ``shapes_accuracy``, ``shapes_<category>`` of one run, and the unreadable count."""
     from data.shapes_check import score
 
-    checked = check_images(run_dir, records)
+    unreadable = Unreadable()
+    checked = check_images(run_dir, records, unreadable)
+    warn_unreadable("shapes", unreadable)
+    if not checked:
+        raise ValueError(f"{run_dir}: none of its {len(records)} images can be read; re-decode them")
+    write_per_image(run_dir, "shapes", checked)
     per = score(checked)
-    out = {"shapes_overall": per.pop("overall")}
+    out: dict[str, Any] = {"shapes_overall": per.pop("overall")}
     out["shapes_accuracy"] = sum(c["correct"] for c in checked) / len(checked)
     out.update({f"shapes_{cat}": v for cat, v in per.items()})
+    out["shapes_n_scored"] = len(checked)
+    out.update(unreadable.summary("shapes"))
     return out
 
 
-def shapes_metric(run: Any, options: Mapping[str, Any]) -> dict[str, float]:
+def shapes_metric(run: Any, options: Mapping[str, Any]) -> dict[str, Any]:
     """The ``shapes`` metric of :mod:`eval.run` (``run``: an ``eval.run.RunData``)."""
     return shapes_scores(run.run_dir, run.records)

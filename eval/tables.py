@@ -17,6 +17,7 @@ KEY_OPTIONS = ("window", "denoise_steps")  # decoder options always shown when p
 METRIC_ORDER = ("step_compression", "n_forwards_mean", "latency_mean_s", "latency_median_s", "latency_speedup",
                 "peak_mem_mib", "fid", "clip_score", "geneval_overall", "shapes_overall", "shapes_accuracy")
 HIDDEN_METRICS = {"n_tokens_mean", "peak_mem_bytes"}
+HIDDEN_SUFFIXES = ("_n_scored", "_n")  # counts of scored images: n_images / of_n say it (scores.json keeps them)
 
 
 def _varying(values: list[Any]) -> bool:
@@ -73,7 +74,8 @@ def build_table(scores: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[li
     # first-seen order; numbers only (protocol strings and per-file lists stay in scores.json)
     present = [k for k in dict.fromkeys(k for m in metrics for k, v in m.items()
                                         if v is not None and not isinstance(v, (str, list, dict)))
-               if k not in HIDDEN_METRICS]
+               if k not in HIDDEN_METRICS and not k.endswith(HIDDEN_SUFFIXES)
+               and not (k.endswith("_n_unreadable") and not any(m.get(k) for m in metrics))]  # shown when > 0
     metric_cols = [k for k in METRIC_ORDER if k in present] + [k for k in present if k not in METRIC_ORDER]
     counts = ["n_images"] + (["of_n"] if any(s.get("n_prompts_images") for s in scores) else [])
     header = ["run", "model", "decoder"] + [c[0] for c in option_cols] + counts + metric_cols
