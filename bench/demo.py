@@ -69,7 +69,7 @@ def run_rows(rows: Sequence[tuple[str, str]], adapters: dict[str, Any], n_prompt
 def write_grid(run_dirs: Sequence[Path], labels: Sequence[str], out_png: Path, n_cols: int | None = None) -> Path:
     """Images of the same prompts side by side: one row per run dir, captions as column titles.
 
-    A green frame marks an image that ``data.shapes.check`` accepts, a red one an image it rejects.
+    A green frame marks an image that ``data.shapes_check.check`` accepts, a red one an image it rejects.
     """
     import matplotlib
 

@@ -258,7 +258,7 @@ def decode_run(cfg: DictConfig | Mapping[str, Any], *, adapter: Any = None,
     shard = resolve_shard(shard_cfg.get("index"), shard_cfg.get("count"))
     run_dir = Path(conf["out_dir"])
     check_writable(run_dir)
-    force = bool(conf.get("force", False))
+    force = bool(conf["force"])
     if not force:
         check_same_config(run_dir, conf)
     todo_all, _ = _todo(prompts, per_prompt, shard, finished(run_dir) if run_dir.is_dir() else set())
@@ -294,10 +294,10 @@ def _decode_images(conf: Mapping[str, Any], todo: list[tuple[Prompt, int]], run_
     decoder_cfg, seed = conf["decoder"], int(conf["seed"])
     env_name = "env.json" if shard[1] == 1 else f"env-{shard[0]}.json"
     atomic_write_bytes(run_dir / env_name, json.dumps(environment(adapter.device), indent=1).encode())
-    if conf.get("warmup", True):  # compile kernels, fill allocators: not part of any timing
+    if conf["warmup"]:  # compile kernels, fill allocators: not part of any timing
         timed_generate(generate_fn, adapter, todo[0][0].prompt, decoder_cfg, sampling, image_seed(seed, -1))
     bar = tqdm(todo, desc=f"{conf['decoder'].get('name')} shard {shard[0]}/{shard[1]}",
-               disable=not conf.get("progress", True), unit="img")
+               disable=not conf["progress"], unit="img")
     for prompt, j in bar:
         s = image_seed(seed, prompt.idx, j)
         timed = timed_generate(generate_fn, adapter, prompt.prompt, decoder_cfg, sampling, s)

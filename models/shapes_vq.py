@@ -6,7 +6,7 @@ codeword (squared L2 over the p*p*3 RGB values of a patch, in [0, 255]). Decodin
 ``fit`` runs weighted k-means (k-means++ init, torch, deterministic given ``seed``) over the *distinct*
 training patches (white and flat-colour patches dominate, so this is a large saving), then snaps every
 codeword to its medoid, the member patch nearest to the centroid, so decoded images keep the flat
-palette colours that ``data.shapes.check`` reads (a centroid averages edge patches into pale blends).
+palette colours that ``data.shapes_check.check`` reads (a centroid averages edge patches into pale blends).
 """
 from __future__ import annotations
 
