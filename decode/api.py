@@ -20,7 +20,7 @@ import torch
 from decode.ar import ar_decode
 from decode.result import DecodeResult
 from decode.sampling import SamplingConfig
-from decode.schema import check_decoder
+from decode.schema import STAGE_OPTIONS, check_decoder
 from decode.sjd import sjd_decode
 from models.base import ModelAdapter
 
@@ -59,7 +59,7 @@ def resolve_decoder(decoder_cfg: Mapping[str, Any]) -> tuple[Callable[..., Decod
     fn = DECODERS[options.name]
     if isinstance(fn, LazyDecoder):
         fn = fn.resolve()
-    return fn, {f.name: getattr(options, f.name) for f in fields(options) if f.name != "name"}
+    return fn, {f.name: getattr(options, f.name) for f in fields(options) if f.name not in STAGE_OPTIONS}
 
 
 def generate(

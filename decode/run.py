@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from core.errors import one_line_errors
+from core.errors import UserError, one_line_errors
 from core.rundir import (
     CONF_DIR,
     append_record,
@@ -235,6 +235,15 @@ def write_geneval_folder(run_dir: Path, prompts: list[Prompt], per_prompt: int) 
     return n
 
 
+def check_trained_for(conf: Mapping[str, Any], adapter: Any) -> None:
+    """``sjd2`` needs a model fine-tuned for it: one without an SJD2 recipe is refused unless told."""
+    dec = conf["decoder"]
+    if dec.get("name") == "sjd2" and not dec.get("allow_untrained") and adapter.trained_recipe() is None:
+        raise UserError(f"model={conf['model'].get('name')} was never fine-tuned for SJD2 (it carries no sjd2.json "
+                        "recipe): use model=tiny_sjd2 or your `make finetune` export, or pass "
+                        "decoder.allow_untrained=true to decode with it anyway")
+
+
 def decode_run(cfg: DictConfig | Mapping[str, Any], *, adapter: Any = None,
                generate_fn: GenerateFn | None = None) -> RunSummary:
     """Decode every unfinished image of this shard into ``cfg.out_dir`` (see the module docstring).
@@ -267,6 +276,8 @@ def decode_run(cfg: DictConfig | Mapping[str, Any], *, adapter: Any = None,
 
         select_local_gpu()
         adapter = load_adapter(conf["model"])
+    if todo_all:
+        check_trained_for(conf, adapter)
     # 2. The run dir: write config.yaml, repair a torn last line, find the finished images.
     prepare_run_dir(run_dir, conf, force=force)
     records_path = run_dir / samples_name(*shard)

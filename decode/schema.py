@@ -65,6 +65,7 @@ class Sjd2Options:
     t_max: float = 1.0
     jacobi_region: str = "image"
     check_trained_noise: bool = True
+    allow_untrained: bool = False  # the decode stage's check, not the decoder function's (STAGE_OPTIONS)
     signal: Any = None  # code only: an explicit timestep-signal callable
 
     def __post_init__(self) -> None:
@@ -73,6 +74,9 @@ class Sjd2Options:
         sjd2.validate_options(self.window, self.init_levels, self.draft_q, self.init_latent, self.jacobi_region)
         sjd2.noise_config(**vars(self))  # the noise options as the NoiseConfig training used
 
+
+# options the decode stage reads itself (checked before the run dir is written); not decoder arguments
+STAGE_OPTIONS = frozenset({"name", "allow_untrained"})
 
 DECODER_OPTIONS: dict[str, type] = {"ar": ArOptions, "sjd": SjdOptions, "sjd2": Sjd2Options}
 

@@ -39,6 +39,7 @@ DECODE = ("decode", "model=tiny", "prompts.limit=1", "warmup=false", "progress=f
     (["prompts=file", "prompts.path=/nonexistent/prompts.txt"], ["/nonexistent/prompts.txt", "prompts.path"]),
     (["sampling.top_p=0"], ["top_p"]),
     (["prompts.limit=0"], ["prompts.limit"]),
+    (["decoder=sjd2"], ["never fine-tuned for SJD2", "decoder.allow_untrained=true"]),  # tiny has no recipe
 ])
 def test_bad_decode_input_is_one_line_and_writes_nothing(tmp_path, args, needles):
     out = tmp_path / "run"
@@ -159,3 +160,18 @@ def test_silent_wrong_inputs_are_refused(tmp_path):
     path.write_text('["a circle", "  "]')
     with pytest.raises(PromptSetError, match=r"prompt 1\): an empty prompt string"):
         load_prompts({"kind": "file", "path": str(path)})
+
+
+def test_sjd2_on_a_model_never_fine_tuned_for_it_needs_the_explicit_option(tmp_path, adapter):  # noqa: F811
+    from core.errors import UserError
+    from decode.run import decode_run
+
+    out = tmp_path / "run"
+    assert adapter.trained_recipe() is None
+    with pytest.raises(UserError, match="never fine-tuned"):
+        decode_run(decode_cfg(out, "decoder=sjd2", "decoder.window=4", "decoder.denoise_steps=4",
+                              "prompts.limit=1"), adapter=adapter)
+    assert not out.exists()
+    decode_run(decode_cfg(out, "decoder=sjd2", "decoder.window=4", "decoder.denoise_steps=4", "prompts.limit=1",
+                          "decoder.allow_untrained=true"), adapter=adapter)
+    assert len(records_by_idx(out)) == 1
