@@ -212,7 +212,7 @@ def compare_metric(group: Sequence[Any], base: Sequence[Any], metric: str, n_boo
 
 def _set_level(group: Sequence[Any], base: Sequence[Any], metric: str) -> dict[str, Any]:
     """A set-level metric (FID): the mean over a row's dirs of ``scores.json``'s value, no interval."""
-    def mean(g: Sequence[Any]) -> float | None:
+    def mean(g: Sequence[Any]) -> float:
         vals = []
         for run in g:
             f = Path(run.run_dir) / "scores.json"
@@ -251,8 +251,10 @@ def paired_comparison(runs: Sequence[Any], baseline: Any, metrics: Sequence[str]
                       labels: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Every run (a run dir / RunData, or a sequence of them, one per seed) against ``baseline`` (the same
     shape), per metric: value, baseline_value, diff = run - baseline, ci_low / ci_high of the diff at
-    ``level``, verdict, n_pairs, n_prompts, unpaired counts. ``metrics`` None: those the runs can give of
-    :data:`DEFAULT_METRICS`. Rows in (run, metric) order."""
+    ``level``, verdict, n_pairs, n_prompts, unpaired counts. Values are over the paired images only
+    (equal to the summaries when every image pairs). ``metrics`` None: those of :data:`DEFAULT_METRICS`
+    the runs can give; ``fid`` gives a row without interval (:data:`SET_LEVEL`). ``seed`` seeds the
+    resampling (the same draws for every metric). Rows in (run, metric) order."""
     base = _as_group(baseline)
     groups = [_as_group(r) for r in runs]
     if not groups:
@@ -267,13 +269,14 @@ def paired_comparison(runs: Sequence[Any], baseline: Any, metrics: Sequence[str]
     for m in metrics:
         if m not in METRICS and m not in SET_LEVEL:
             raise ValueError(f"cannot compare metric {m!r}; known: {sorted(METRICS) + sorted(SET_LEVEL)}")
-    names = list(labels) if labels is not None else _labels(groups + [base])[:-1]
+    all_labels = _labels(groups + [base])
+    names, base_label = (list(labels) if labels is not None else all_labels[:-1]), all_labels[-1]
     rows = []
     for label, group in zip(names, groups):
         for m in metrics:
             res = _set_level(group, base, m) if m in SET_LEVEL else compare_metric(group, base, m, n_boot, seed, level)
             rows.append({"run": label, "run_dirs": [str(r.run_dir) for r in group],
-                         "baseline": [str(r.run_dir) for r in base], "metric": m, **res,
+                         "baseline_run": base_label, "baseline": [str(r.run_dir) for r in base], "metric": m, **res,
                          "verdict": verdict(res["ci_low"], res["ci_high"]), "lower_is_better": m in LOWER_IS_BETTER,
                          "level": level, "n_boot": n_boot})
     return rows
@@ -317,21 +320,28 @@ def plot_comparison(rows: Sequence[Mapping[str, Any]], out_png: str | Path) -> P
     if not metrics:
         return None
     runs = list(dict.fromkeys(r["run"] for r in rows))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.0 * len(metrics), 0.9 + 0.45 * len(runs)),
+    ncols = min(len(metrics), 3)
+    nrows = -(-len(metrics) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, nrows * (1.6 + 0.35 * len(runs))),
                              squeeze=False, sharey=True)
-    for ax, metric in zip(axes[0], metrics):
+    for ax in axes.flat[len(metrics):]:
+        ax.set_visible(False)
+    for ax, metric in zip(axes.flat, metrics):
         for r in (r for r in rows if r["metric"] == metric):
             y, d = runs.index(r["run"]), r["diff"]
-            err = None if r["ci_low"] is None else [[d - r["ci_low"]], [r["ci_high"] - d]]
+            err = None if r["ci_low"] is None else [[max(d - r["ci_low"], 0.0)], [max(r["ci_high"] - d, 0.0)]]
             ax.errorbar([d], [y], xerr=err, fmt="o", capsize=3, color="C0" if err is not None else "grey")
         ax.axvline(0.0, color="black", linewidth=0.8)
         ax.set_title(metric + (" (lower is better)" if metric in LOWER_IS_BETTER else ""), fontsize=9)
-        ax.set_xlabel("run - baseline")
+        ax.set_xlabel("run - baseline", fontsize=8)
         ax.grid(alpha=0.3)
-    axes[0][0].set_yticks(range(len(runs)), runs, fontsize=8)
-    axes[0][0].invert_yaxis()
+    axes[0][0].set_yticks(range(len(runs)), runs)
+    for ax in axes[:, 0]:
+        ax.tick_params(axis="y", labelsize=8)
+    axes[0][0].set_ylim(len(runs) - 0.5, -0.5)  # first run on top
     level = rows[0].get("level", 0.95)
-    fig.suptitle(f"paired difference to the baseline, {level:.0%} bootstrap interval over prompts", fontsize=9)
+    fig.suptitle(f"paired difference to {rows[0].get('baseline_run', 'the baseline')}, {level:.0%} bootstrap "
+                 "interval over prompts", fontsize=9)
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)

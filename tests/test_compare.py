@@ -68,7 +68,7 @@ def test_identical_run_gives_zero(tmp_path):
     assert {r["metric"] for r in rows} == {"shapes_overall", "step_compression", "latency_mean_s"}
     for r in rows:
         assert r["diff"] == 0.0 and r["ci_low"] <= 0.0 <= r["ci_high"] and r["verdict"] == "no difference"
-        assert r["n_pairs"] == 60 and r["n_prompts"] == 60 and r["run"] == "run"
+        assert r["n_pairs"] == 60 and r["n_prompts"] == 60 and r["run"] == "run" and r["baseline_run"] == "base"
     assert row(rows, "shapes_overall")["value"] == pytest.approx(score(
         [{"tag": CATS[i % 4], "correct": v} for (i, _), v in c.items()])["overall"])
 
@@ -153,6 +153,18 @@ def test_three_seeds_pair_seed_with_seed(tmp_path):
     assert r["diff"] == 0.0 and r["ci_low"] == 0.0 == r["ci_high"]  # seed with seed: every pair equal
     one = paired_comparison([run[2]], base[1], metrics=["shapes_overall"], n_boot=10)[0]  # a single seed each
     assert one["n_pairs"] == 20 and one["diff"] == 0.0
+    # a run that differs: the interval is the cluster bootstrap over idx of the seed-matched pairs, by hand
+    other = {s: pattern(30, seed=20 + s) for s in range(3)}
+    run2 = [write_run(tmp_path / "run2" / f"s{s}", other[s], seed=s) for s in range(3)]
+    got = paired_comparison([run2], base, metrics=["shapes_overall"], n_boot=2000, seed=4)[0]
+    keys = [(s, k) for s in range(3) for k in base_content[s]]
+    by_hand = {name: bootstrap_diff(ids, [other[s][k] for s, k in keys], [base_content[s][k] for s, k in keys],
+                                    [CATS.index(CATS[k[0] % 4]) for _, k in keys],
+                                    [CATS.index(CATS[k[0] % 4]) for _, k in keys], n_boot=2000, seed=4)
+               for name, ids in (("cluster", [k[0] for _, k in keys]), ("iid", range(len(keys))))}
+    assert (got["ci_low"], got["ci_high"]) == pytest.approx((by_hand["cluster"]["ci_low"], by_hand["cluster"]["ci_high"]))
+    assert (got["ci_low"], got["ci_high"]) != pytest.approx((by_hand["iid"]["ci_low"], by_hand["iid"]["ci_high"]))
+    assert got["diff"] == pytest.approx(by_hand["cluster"]["diff"])
 
 
 def test_600_images_10000_resamples_under_a_second():
