@@ -56,7 +56,8 @@ tiny-model: install ## rebuild models/weights/tiny: shapes VQ + three training p
 		--colour-share 0.5 --train-examples 20000 --threads 2
 
 tiny-sjd2: install ## rebuild models/weights/tiny_sjd2: SJD2 fine-tuning of tiny (one process, CPU)
-	$(PY) -m train model=tiny train=sjd2_tiny resume=false run_dir=runs/train/tiny-sjd2_tiny-$$(date +%s)
+	$(PY) -m train model=tiny train=sjd2_tiny resume=false run_dir=runs/train/tiny-sjd2_tiny-$$(date +%s) \
+		train.export_dir=models/weights/tiny_sjd2
 
 finetune: install ## SJD2 fine-tuning, DeepSpeed ZeRO-3: make finetune MODEL=tiny|lumina_mgpt|emu3 [NPROC=..] [ARGS="..."]
 	launch/finetune.sh $(MODEL_CONF) $(NPROC) $(ARGS)

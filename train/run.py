@@ -6,7 +6,7 @@ rank runs this same entry point and the loop switches to DeepSpeed ZeRO-3.
 
 Run dir (``run_dir``, fixed per model + recipe so a restart resumes it): ``config.yaml`` (resolved),
 ``env.json``, ``loss.csv`` + ``loss.png``, ``checkpoints/`` (``latest`` + ``step_XXXXXXX/``), and the
-exported weights in ``train.export_dir`` (default ``<run_dir>/export``).
+exported weights in ``train.export_dir`` (default ``<run_dir>/export``; ``make tiny-sjd2`` passes the committed path).
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from core.config import compose_config
+from core.errors import UserError, one_line_errors
 from core.rundir import CONF_DIR
 from train.config import DATA_SOURCES, DataConfig, train_config_from_dict
 from train.loop import FitResult, fit
@@ -126,6 +127,42 @@ def model_config_for_rank(model_cfg: dict) -> dict:
     return model_cfg
 
 
+# settings a resumed run may change: they neither change the model nor the schedule
+RESUME_FREE = {"train.log_every", "train.ckpt_every", "train.keep_checkpoints", "train.stop_after_steps",
+               "train.export_dir", "model.device"}
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def check_resume(run_dir: Path, resolved: dict, resume: bool, allow_change: bool) -> None:
+    """Refuse to continue a run dir trained with another model or schedule-affecting options (steps, lr,
+    batch, data, noise...), before any file is written; ``allow_resume_change=true`` accepts it."""
+    old_file = run_dir / "config.yaml"
+    if not resume or allow_change or not old_file.is_file():
+        return
+    old = OmegaConf.to_container(OmegaConf.load(old_file), resolve=False)
+    a, b = _flat({k: old.get(k) for k in ("model", "train")}), _flat({k: resolved.get(k) for k in ("model", "train")})
+    diffs = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+             if k not in RESUME_FREE and a.get(k) != b.get(k)]
+    if diffs:
+        shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+        raise UserError(f"run_dir={run_dir} was trained with other settings ({shown}); resuming would continue "
+                        "its checkpoint under the new ones. Pick another run_dir=..., or pass "
+                        "allow_resume_change=true to resume anyway")
+
+
+@one_line_errors
+def _main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
 def run(cfg: DictConfig) -> FitResult:
     """The stage as a function (tests call it with a composed config)."""
     from models import load_adapter
@@ -134,6 +171,7 @@ def run(cfg: DictConfig) -> FitResult:
     train_cfg = train_config_from_dict(resolved["train"])
     run_dir = Path(cfg.run_dir)
     model_cfg = model_config_for_rank(resolved["model"])
+    check_resume(run_dir, resolved, bool(cfg.resume), bool(cfg.allow_resume_change))
     adapter = load_adapter(model_cfg)
     records = load_records(adapter, train_cfg.data)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -155,7 +193,7 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
 def main() -> None:
     import hydra
 
-    hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")(run)()
+    hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")(_main)()
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ class TrainStage:
     train: TrainFields = field(default_factory=TrainFields)
     run_dir: str = MISSING
     resume: bool = True
+    allow_resume_change: bool = False
     progress: bool = True
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
