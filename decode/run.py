@@ -244,6 +244,29 @@ def check_trained_for(conf: Mapping[str, Any], adapter: Any) -> None:
                         "decoder.allow_untrained=true to decode with it anyway")
 
 
+def context_length(adapter: Any) -> int | None:
+    """The model's number of positions (its text config's ``max_position_embeddings``), None if unknown."""
+    config = getattr(getattr(adapter, "model", None), "config", None)
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "max_position_embeddings", None)
+
+
+def check_prompt_lengths(prompts: list[Prompt], adapter: Any, model_name: Any) -> None:
+    """Every prompt plus the image sequence must fit the model's positions (checked before writing)."""
+    limit = context_length(adapter)
+    if limit is None:
+        return
+    n_image = adapter.layout.n_tokens
+    for p in prompts:
+        n_prompt = len(adapter.prompt_ids(p.prompt))
+        if n_prompt + n_image > limit:
+            raise UserError(f"prompt idx {p.idx} is {n_prompt} tokens: with the {n_image} image tokens that is "
+                            f"{n_prompt + n_image} positions, more than model={model_name} has ({limit}); "
+                            "shorten it or remove it from the prompt file")
+
+
 def decode_run(cfg: DictConfig | Mapping[str, Any], *, adapter: Any = None,
                generate_fn: GenerateFn | None = None) -> RunSummary:
     """Decode every unfinished image of this shard into ``cfg.out_dir`` (see the module docstring).
@@ -278,6 +301,7 @@ def decode_run(cfg: DictConfig | Mapping[str, Any], *, adapter: Any = None,
         adapter = load_adapter(conf["model"])
     if todo_all:
         check_trained_for(conf, adapter)
+        check_prompt_lengths(list({p.idx: p for p, _ in todo_all}.values()), adapter, conf["model"].get("name"))
     # 2. The run dir: write config.yaml, repair a torn last line, find the finished images.
     prepare_run_dir(run_dir, conf, force=force)
     records_path = run_dir / samples_name(*shard)

@@ -175,3 +175,15 @@ def test_sjd2_on_a_model_never_fine_tuned_for_it_needs_the_explicit_option(tmp_p
     decode_run(decode_cfg(out, "decoder=sjd2", "decoder.window=4", "decoder.denoise_steps=4", "prompts.limit=1",
                           "decoder.allow_untrained=true"), adapter=adapter)
     assert len(records_by_idx(out)) == 1
+
+
+def test_a_prompt_longer_than_the_model_context_is_refused_before_writing(tmp_path, adapter):  # noqa: F811
+    from core.errors import UserError
+    from decode.run import decode_run
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n" + " ".join(["circle"] * 10_000) + "\n")
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=r"prompt idx 1 is 10001 tokens.*more than model=tiny_random has \(128\)"):
+        decode_run(decode_cfg(out, "prompts=file", f"prompts.path={prompts}", "prompts.limit=null"), adapter=adapter)
+    assert not out.exists()
