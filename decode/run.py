@@ -242,6 +242,11 @@ def check_trained_for(conf: Mapping[str, Any], adapter: Any) -> None:
         raise UserError(f"model={conf['model'].get('name')} was never fine-tuned for SJD2 (it carries no sjd2.json "
                         "recipe): use model=tiny_sjd2 or your `make finetune` export, or pass "
                         "decoder.allow_untrained=true to decode with it anyway")
+    if dec.get("name") == "sjd2":  # noise options that differ from the model's training: refused now, not later
+        from decode.sjd2 import decoding_noise
+
+        opts = {k: v for k, v in vars(schema.check_decoder(dec)).items() if k not in schema.STAGE_OPTIONS}
+        decoding_noise(adapter, opts.pop("denoise_steps"), opts.pop("check_trained_noise"), **opts)
 
 
 def context_length(adapter: Any) -> int | None:

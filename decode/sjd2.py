@@ -163,6 +163,21 @@ def noise_config(denoise_steps: int, **options: Any) -> NoiseConfig:
     return NoiseConfig(levels=denoise_steps, **{k: v for k, v in options.items() if k in known})
 
 
+def decoding_noise(adapter: Any, denoise_steps: int, check_trained_noise: bool = True,
+                   **options: Any) -> tuple[Sjd2Recipe, NoiseConfig]:
+    """(the model's recipe, the noise this decode uses): the decoder's noise options over the recipe's
+    level grid (``signal_levels=None``), refused when they differ from training (``check_trained_noise``).
+    The decode stage calls it too, before it writes anything."""
+    recipe = adapter.trained_recipe() or Sjd2Recipe()
+    trained = recipe.noise
+    if options.get("signal_levels") is None and trained is not None:  # the grid is the model's, not the decoder's
+        options["signal_levels"] = trained.n_signal_levels
+    noise = noise_config(denoise_steps, **options)
+    if check_trained_noise:
+        match_trained_noise(noise, trained)
+    return recipe, noise
+
+
 def match_trained_noise(noise: NoiseConfig, trained: NoiseConfig | None) -> None:
     """Refuse decoding noise that the model was not trained with (no recipe: nothing to check).
 
@@ -284,14 +299,9 @@ def sjd2_decode(
     built from ``timestep_signal``, the adapter and the recipe.
     """
     validate_options(window, init_levels, draft_q, init_latent, jacobi_region)
-    recipe = adapter.trained_recipe() or Sjd2Recipe()
-    trained = recipe.noise
-    if signal_levels is None and trained is not None:  # the signal grid is the model's, not the decoder's
-        signal_levels = trained.n_signal_levels
-    noise = noise_config(denoise_steps, schedule=schedule, spacing=spacing, rho=rho, t_min=t_min, t_max=t_max,
-                         timestep_signal=timestep_signal, signal_levels=signal_levels, x0=x0)
-    if check_trained_noise:
-        match_trained_noise(noise, trained)
+    recipe, noise = decoding_noise(adapter, denoise_steps, check_trained_noise, schedule=schedule, spacing=spacing,
+                                   rho=rho, t_min=t_min, t_max=t_max, timestep_signal=timestep_signal,
+                                   signal_levels=signal_levels, x0=x0)
     if signal is None:
         signal = make_signal(noise, adapter, mlp=recipe.timestep_mlp)
     win = Sjd2Window(adapter, noise, signal, init_latent, draft_q, recipe.norm)

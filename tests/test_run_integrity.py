@@ -40,10 +40,45 @@ DECODE = ("decode", "model=tiny", "prompts.limit=1", "warmup=false", "progress=f
     (["sampling.top_p=0"], ["top_p"]),
     (["prompts.limit=0"], ["prompts.limit"]),
     (["decoder=sjd2"], ["never fine-tuned for SJD2", "decoder.allow_untrained=true"]),  # tiny has no recipe
+    (["sampling.top_k=-1"], ["top_k"]),
+    (["sampling.temperature=0"], ["temperature"]),
+    (["model.path=/nonexistent/weights"], ["/nonexistent/weights"]),
+    (["model=tiny_sjd2", "decoder=sjd2", "decoder.schedule=cosine"], ["schedule", "check_trained_noise=false"]),
 ])
 def test_bad_decode_input_is_one_line_and_writes_nothing(tmp_path, args, needles):
     out = tmp_path / "run"
     assert_one_line_error(stage(*DECODE, f"out_dir={out}", *args), *needles)
+    assert not out.exists()
+
+
+def test_a_broken_prompt_file_line_is_one_line_naming_file_and_line(tmp_path):
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prompt": "a circle"}\n{"prompt": \n')
+    out = tmp_path / "run"
+    assert_one_line_error(stage(*DECODE, f"out_dir={out}", "prompts=file", f"prompts.path={bad}"),
+                          f"{bad}:2 is not valid JSON")
+    assert not out.exists()
+
+
+def test_a_corrupt_records_line_is_one_line_and_the_file_is_left_alone(tmp_path):
+    out = tmp_path / "run"
+    assert stage(*DECODE, f"out_dir={out}", "prompts.limit=2").returncode == 0
+    lines = (out / "samples.jsonl").read_text().splitlines()
+    corrupt = lines[0][:40] + "\n" + lines[1] + "\n"  # a torn line in the middle is corruption, not a kill
+    (out / "samples.jsonl").write_text(corrupt)
+    assert_one_line_error(stage(*DECODE, f"out_dir={out}", "prompts.limit=3"), "samples.jsonl", "line 1")
+    assert (out / "samples.jsonl").read_text() == corrupt
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["model=nope"], "Could not find 'model/nope'"),
+    (["decoder=nope"], "Could not find 'decoder/nope'"),
+    (["decoder=sjd", "decoder.window=abc"], "decoder.window"),
+])
+def test_composition_errors_are_hydra_s_own_clear_messages_without_a_traceback(tmp_path, args, needle):
+    out = tmp_path / "run"
+    proc = stage(*DECODE, f"out_dir={out}", *args)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and needle in proc.stderr + proc.stdout
     assert not out.exists()
 
 
