@@ -218,6 +218,21 @@ def table_dir_for(run_dirs: Sequence[Path], table_dir: str | None) -> Path:
     return Path(os.path.commonpath([str(p.resolve()) for p in run_dirs]))
 
 
+def _comparison_groups(cmp: Mapping[str, Any]) -> tuple[list[Path], list[list[Path]]]:
+    """(baseline dirs, one list of dirs per compared row) of ``compare:``; both empty without a baseline."""
+    if not cmp.get("baseline"):
+        if cmp.get("runs"):
+            raise ValueError("compare.runs is set but compare.baseline is not: name the run to compare against")
+        return [], []
+
+    def dirs(entry: Any) -> list[Path]:
+        return expand_run_dirs(None, entry if isinstance(entry, list) else [entry])
+
+    if not cmp.get("runs"):
+        raise ValueError("compare.baseline is set but compare.runs is empty: list the runs to compare with it")
+    return dirs(cmp["baseline"]), [dirs(r) for r in cmp["runs"]]
+
+
 def evaluate(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The stage: score every run dir, print the side-by-side table, write md/csv/tex (+ a sweep plot)."""
     from eval import plots, tables
@@ -227,7 +242,10 @@ def evaluate(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
     metrics = list(cfg["eval"]["metrics"])
     for name in metrics:  # fail on a typo before scoring anything
         resolve_metric(name)
-    run_dirs = expand_run_dirs(cfg.get("run_dir"), cfg.get("run_dirs"))
+    cmp = cfg["compare"]
+    base_dirs, groups = _comparison_groups(cmp)
+    listed = [str(d) for d in base_dirs] + [str(d) for g in groups for d in g]
+    run_dirs = expand_run_dirs(cfg.get("run_dir"), list(cfg.get("run_dirs") or []) + listed)
     runs = [load_run(d) for d in run_dirs]
     for run in runs:  # every run complete (or partial allowed) before any scoring starts
         check_complete(run, cfg["allow_partial"])
@@ -245,6 +263,14 @@ def evaluate(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
         png = plots.plot_quality_speed(all_scores, out / f"{cfg['name']}_quality.png")
         if png is not None:
             written.append(png)
+    if base_dirs:
+        from eval.compare import comparison_table, paired_comparison, write_comparison
+
+        rows_cmp = paired_comparison([g if len(g) > 1 else g[0] for g in groups],
+                                     base_dirs if len(base_dirs) > 1 else base_dirs[0], cmp["metrics"],
+                                     n_boot=cmp["n_boot"], seed=cmp["seed"], level=cmp["level"])
+        written += write_comparison(rows_cmp, out / f"{cfg['name']}_compare", cfg["formats"], plot=plot_cfg["enabled"])
+        print(tables.to_markdown(*comparison_table(rows_cmp)))
     if cfg["wandb"]["mode"] != "disabled":
         from eval.wandb_log import log_eval
 

@@ -42,6 +42,19 @@ class WandbOptions:
 
 
 @dataclass
+class CompareOptions:
+    """``compare.baseline`` set: every run of ``compare.runs`` against it, paired differences with bootstrap
+    confidence intervals (eval/compare.py). Each entry: a run dir, a glob or a list (one dir per seed)."""
+
+    baseline: Any = None
+    runs: list[Any] = field(default_factory=list)
+    metrics: list[str] | None = None  # null: every metric the runs have per-image values for
+    n_boot: int = 10000
+    level: float = 0.95
+    seed: int = 0
+
+
+@dataclass
 class EvalStage:
     eval: EvalSuite = field(default_factory=EvalSuite)
     run_dir: str | None = None
@@ -51,6 +64,7 @@ class EvalStage:
     formats: list[str] = field(default_factory=lambda: ["md", "csv", "tex"])
     plot: PlotOptions = field(default_factory=PlotOptions)
     wandb: WandbOptions = field(default_factory=WandbOptions)
+    compare: CompareOptions = field(default_factory=CompareOptions)
     allow_partial: bool = False  # score runs with fewer images than their prompt set
 
 

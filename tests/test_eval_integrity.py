@@ -84,3 +84,27 @@ def test_wandb_offline_logs_the_table_and_grids_without_a_network(tmp_path, monk
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     media = list(runs[0].rglob("*.png"))
     assert media, "the image grid was not logged"
+
+
+def test_compare_scores_both_runs_and_writes_paired_differences_with_intervals(tmp_path):
+    from PIL import Image
+
+    base = shapes_run(tmp_path / "base", 24, list(range(24)))
+    worse = shapes_run(tmp_path / "worse", 24, list(range(24)))
+    for i in range(0, 24, 2):  # every other image blank: those prompts fail in `worse`
+        Image.new("RGB", (64, 64), "white").save(worse / "images" / f"{i:06d}.png")
+    evaluate({"eval": {"name": "default", "metrics": ["speed", "shapes"]}, "table_dir": str(tmp_path / "t"),
+              "name": "cmp", "compare": {"baseline": str(base), "runs": [str(worse)], "n_boot": 2000}})
+    rows = json.loads((tmp_path / "t" / "cmp_compare.json").read_text())["rows"]
+    shapes = next(r for r in rows if r["metric"] == "shapes_overall")
+    b = json.loads((base / "scores.json").read_text())["metrics"]["shapes_overall"]
+    w = json.loads((worse / "scores.json").read_text())["metrics"]["shapes_overall"]
+    assert shapes["diff"] == pytest.approx(w - b) and shapes["diff"] < 0
+    assert shapes["ci_high"] < 0 and shapes["n_pairs"] == 24
+    assert (tmp_path / "t" / "cmp_compare.md").is_file() and (tmp_path / "t" / "cmp_compare.png").is_file()
+
+
+def test_compare_needs_both_a_baseline_and_runs(tmp_path):
+    run = shapes_run(tmp_path / "run", 2, [0, 1])
+    with pytest.raises(ValueError, match="compare.baseline is set but compare.runs is empty"):
+        evaluate({**_cfg(run), "compare": {"baseline": str(run)}})
