@@ -66,3 +66,13 @@ def test_a_resume_may_change_logging_and_checkpoint_cadence(tmp_path):
     run(compose(base(run_dir, "train.stop_after_steps=1")))
     res = run(compose(base(run_dir, "train.log_every=2", "train.ckpt_every=7")))
     assert res.steps_done == 2
+
+
+def test_shapes_data_for_a_real_model_family_is_refused_before_loading_it(tmp_path):
+    from core.errors import UserError
+    from train.run import compose, run
+
+    cfg = compose(["model=lumina_mgpt_tiny_random", "train=sjd2_tiny", f"run_dir={tmp_path / 'run'}"])
+    with pytest.raises(UserError, match="source=shapes is the embedded shapes world.*train.data.source=shards"):
+        run(cfg)
+    assert not (tmp_path / "run").exists()

@@ -172,6 +172,10 @@ def run(cfg: DictConfig) -> FitResult:
     run_dir = Path(cfg.run_dir)
     model_cfg = model_config_for_rank(resolved["model"])
     check_resume(run_dir, resolved, bool(cfg.resume), bool(cfg.allow_resume_change))
+    if train_cfg.data.source == "shapes" and resolved["model"].get("family") != "tiny":
+        raise UserError(f"train.data.source=shapes is the embedded shapes world, made for the tiny models' VQ; "
+                        f"model={resolved['model'].get('name')} needs its own data: train.data.source=shards "
+                        "train.data.path=<python -m train.data output> (or source=random for a dry run)")
     adapter = load_adapter(model_cfg)
     records = load_records(adapter, train_cfg.data)
     if int(os.environ.get("RANK", "0")) == 0:
