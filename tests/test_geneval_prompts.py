@@ -70,8 +70,12 @@ def adapter():
     return make_micro_adapter()
 
 
-def test_geneval_folder_contract(tmp_path, adapter, geneval_file):
+def test_geneval_folder_contract(tmp_path, adapter, geneval_file, monkeypatch):
+    import decode.run
     from decode.api import generate
+
+    # GenEval's words are outside tiny's vocabulary: the stage's tokenizer check would refuse them (rightly)
+    monkeypatch.setattr(decode.run, "check_prompt_lengths", lambda *args: None)
 
     path = geneval_file[0]
 

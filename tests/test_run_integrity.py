@@ -222,3 +222,14 @@ def test_a_prompt_longer_than_the_model_context_is_refused_before_writing(tmp_pa
     with pytest.raises(UserError, match=r"prompt idx 1 is 10001 tokens.*more than model=tiny_random has \(128\)"):
         decode_run(decode_cfg(out, "prompts=file", f"prompts.path={prompts}", "prompts.limit=null"), adapter=adapter)
     assert not out.exists()
+
+
+def test_a_prompt_the_model_cannot_tokenize_is_refused_before_writing(tmp_path, adapter):  # noqa: F811
+    from decode.run import decode_run
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na photo of a bench\n")
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="'photo' of prompt 'a photo of a bench' is outside the tiny model's"):
+        decode_run(decode_cfg(out, "prompts=file", f"prompts.path={prompts}", "prompts.limit=null"), adapter=adapter)
+    assert not out.exists()
