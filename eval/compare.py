@@ -123,7 +123,7 @@ def verdict(ci_low: float | None, ci_high: float | None) -> str | None:
 
 
 def _as_run(item: Any) -> Any:
-    from eval.run import load_run
+    from eval.rundata import load_run
 
     return item if hasattr(item, "records") and hasattr(item, "run_dir") else load_run(item)
 
