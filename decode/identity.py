@@ -7,15 +7,16 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
+from core.config import flatten
 from core.errors import UserError
 from core.rundir import CONFIG_FILE, atomic_write_bytes, remove_stale_tmp
-from data.prompts import load_prompts
+from data.prompts import Prompt
 
 # Parts of the config that must match before a run dir may be resumed (prompts.limit and
 # prompts.geneval_folder may change: they select or lay out, never alter, an image).
@@ -29,18 +30,9 @@ class RunDirConflict(UserError):
 
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, Mapping):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
 def config_identity(conf: Mapping[str, Any]) -> dict[str, Any]:
     """The flattened settings that decide what an image is (see ``IDENTITY_KEYS``)."""
-    flat = _flatten({k: conf.get(k) for k in IDENTITY_KEYS})
+    flat = flatten({k: conf.get(k) for k in IDENTITY_KEYS})
     return {k: v for k, v in flat.items() if k not in IDENTITY_IGNORED}
 
 
@@ -74,9 +66,9 @@ def weights_fingerprint(model_cfg: Mapping[str, Any]) -> str:
     return h.hexdigest()[:16]
 
 
-def prompts_fingerprint(prompts_cfg: Mapping[str, Any]) -> str:
+def prompts_fingerprint(prompts: Sequence[Prompt]) -> str:
     """A digest of the whole prompt set's content (every prompt, before ``limit``)."""
-    rows = [(p.idx, p.prompt, p.category, dict(p.meta)) for p in load_prompts({**prompts_cfg, "limit": None})]
+    rows = [(p.idx, p.prompt, p.category, dict(p.meta)) for p in prompts]
     return hashlib.sha1(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from core.config import compose_config
+from core.config import compose_config, flatten
 from core.errors import UserError, one_line_errors
 from core.rundir import CONF_DIR
 from train.config import DATA_SOURCES, DataConfig, train_config_from_dict
@@ -132,15 +132,6 @@ RESUME_FREE = {"train.log_every", "train.ckpt_every", "train.keep_checkpoints", 
                "train.export_dir", "model.device"}
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
 def check_resume(run_dir: Path, resolved: dict, resume: bool, allow_change: bool) -> None:
     """Refuse to continue a run dir trained with another model or schedule-affecting options (steps, lr,
     batch, data, noise...), before any file is written; ``allow_resume_change=true`` accepts it."""
@@ -148,7 +139,7 @@ def check_resume(run_dir: Path, resolved: dict, resume: bool, allow_change: bool
     if not resume or allow_change or not old_file.is_file():
         return
     old = OmegaConf.to_container(OmegaConf.load(old_file), resolve=False)
-    a, b = _flat({k: old.get(k) for k in ("model", "train")}), _flat({k: resolved.get(k) for k in ("model", "train")})
+    a, b = flatten({k: old.get(k) for k in ("model", "train")}), flatten({k: resolved.get(k) for k in ("model", "train")})
     diffs = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
              if k not in RESUME_FREE and a.get(k) != b.get(k)]
     if diffs:
