@@ -275,9 +275,13 @@ def load_prompts(cfg: Mapping[str, Any]) -> list[Prompt]:
     prompts = LOADERS[kind](cfg)
     if len({p.idx for p in prompts}) != len(prompts):
         raise PromptSetError(f"prompts={cfg.get('name')}: duplicate 'idx' values in {cfg.get('path')}; make them unique")
-    limit = cfg.get("limit")
-    if limit is not None:
-        if int(limit) < 1:
-            raise PromptSetError(f"prompts.limit={limit} must be >= 1 (or null for all)")
-        prompts = prompts[: int(limit)]
-    return prompts
+    return apply_limit(prompts, cfg.get("limit"))
+
+
+def apply_limit(prompts: list[Prompt], limit: Any) -> list[Prompt]:
+    """The first ``limit`` prompts (all when ``limit`` is None); a limit below 1 is refused."""
+    if limit is None:
+        return prompts
+    if int(limit) < 1:
+        raise PromptSetError(f"prompts.limit={limit} must be >= 1 (or null for all)")
+    return prompts[: int(limit)]

@@ -36,7 +36,7 @@ from core.rundir import (
     shard_lock,
     sync_device,
 )
-from data.prompts import Prompt, load_prompts
+from data.prompts import Prompt, apply_limit, load_prompts
 from decode import schema
 from decode.identity import (  # RunDirConflict: decode.run's error since the first release
     RunDirConflict,  # noqa: F401
@@ -282,10 +282,11 @@ def decode_run(cfg: DictConfig | Mapping[str, Any], *, adapter: Any = None,
     from decode.sampling import SamplingConfig
 
     conf = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    conf["fingerprint"] = {"prompts": prompts_fingerprint(conf["prompts"]), "weights": weights_fingerprint(conf["model"])}
+    all_prompts = load_prompts({**conf["prompts"], "limit": None})  # read once: fingerprinted whole, then cut
+    conf["fingerprint"] = {"prompts": prompts_fingerprint(all_prompts), "weights": weights_fingerprint(conf["model"])}
     # 1. Check everything that can be wrong before anything is written: prompts, sampling, decoder, the
     #    out_dir, the run dir's configuration and (when there is work) the model.
-    prompts = load_prompts(conf["prompts"])
+    prompts = apply_limit(all_prompts, conf["prompts"].get("limit"))
     per_prompt = int(conf["prompts"].get("images_per_prompt", 1))
     sampling = SamplingConfig(**conf["sampling"])
     schema.check_decoder(conf["decoder"])
