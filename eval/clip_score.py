@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from eval.images import batches
+
 DEFAULTS: dict[str, Any] = {
     "model": "openai/clip-vit-base-patch16",  # option: openai/clip-vit-large-patch14; a local dir; "shapes"
     "device": "cpu",
@@ -125,17 +127,6 @@ class _TruncatingProcessor:
 # Scoring
 
 
-def _batches(pairs: Iterable[tuple[Any, Any]], size: int) -> Iterator[list[tuple[Any, Any]]]:
-    batch: list = []
-    for pair in pairs:
-        batch.append(pair)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def score_images(model, processor, pairs: Iterable[tuple[Any, str]], device: str = "cpu",
                  batch_size: int = 64, total: int | None = None) -> tuple[np.ndarray, float]:
     """(100 x cos per (RGB PIL image, text) pair, unclamped; torchmetrics' CLIPScore over the same pairs)."""
@@ -147,7 +138,7 @@ def score_images(model, processor, pairs: Iterable[tuple[Any, str]], device: str
     metric = CLIPScore(model_name_or_path=lambda: (recorder, wrapped)).to(device)
     bar = tqdm(total=total, desc="clip_score", unit="img", disable=total is None or total <= PROGRESS_ABOVE)
     with torch.no_grad():
-        for batch in _batches(pairs, batch_size):
+        for batch in batches(pairs, batch_size):
             images = [torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).to(device) for im, _ in batch]
             metric.update(images, [text for _, text in batch])
             bar.update(len(batch))

@@ -342,12 +342,9 @@ def plot_comparison(rows: Sequence[Mapping[str, Any]], out_png: str | Path) -> P
     level = rows[0].get("level", 0.95)
     fig.suptitle(f"paired difference to {rows[0].get('baseline_run', 'the baseline')}, {level:.0%} bootstrap "
                  "interval over prompts", fontsize=9)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return out_png
+    from eval.plots import save_figure
+
+    return save_figure(fig, out_png)
 
 
 def write_comparison(rows: Sequence[Mapping[str, Any]], stem: str | Path,

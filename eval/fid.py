@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from eval.images import Unreadable, iter_images, read_rgb, warn_unreadable
+from eval.images import Unreadable, batches, iter_images, read_rgb, warn_unreadable
 
 PROTOCOL = ("torchmetrics FrechetInceptionDistance over a pluggable extractor (inception: clean-fid's "
             "TorchScript pool3, 2048-d; shapes: models.shapes_features, 128-d); resize clean = PIL bicubic "
@@ -229,17 +229,6 @@ def cache_key(files: Sequence[Path], extractor_name: str, resize: str) -> tuple[
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:24], material
 
 
-def _batches(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
-    batch: list[Any] = []
-    for it in items:
-        batch.append(it)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def _progress(items: Iterable[Any], total: int, desc: str) -> Iterable[Any]:
     if total <= PROGRESS_MIN_IMAGES:
         return items
@@ -252,7 +241,7 @@ def accumulate(metric: Any, images: Iterable[np.ndarray], total: int, real: bool
                size: int, desc: str) -> int:
     """Resize and feed uint8 [H, W, 3] images to ``metric`` in batches; the number fed."""
     n = 0
-    for batch in _batches(_progress(images, total, desc), opts.batch_size):
+    for batch in batches(_progress(images, total, desc), opts.batch_size):
         x = RESIZERS[opts.resize](batch, size).to(opts.device)
         with torch.no_grad():
             metric.update(x, real=real)

@@ -5,7 +5,7 @@ metric scores the others and reports ``<metric>_n_unreadable`` with the file nam
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,3 +81,15 @@ def write_per_image(run_dir: str | Path, metric: str, rows: Sequence[Mapping[str
     path = per_image_path(run_dir, metric)
     atomic_write_bytes(path, "".join(json.dumps(dict(r)) + "\n" for r in rows).encode())
     return path
+
+
+def batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """``items`` in lists of ``size`` (the last one shorter), without holding more than one batch."""
+    batch: list[Any] = []
+    for it in items:
+        batch.append(it)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

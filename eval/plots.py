@@ -10,6 +10,19 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+
+def save_figure(fig: Any, out_png: str | Path) -> Path:
+    """Lay out, write (PNG, 120 dpi, folders made) and close a matplotlib figure; returns its path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return out_png
+
+
 PREFERRED_X = ("window", "denoise_steps")
 DEFAULT_METRICS = ("step_compression", "shapes_overall", "latency_mean_s")
 
@@ -68,12 +81,7 @@ def plot_sweep(scores: Sequence[Mapping[str, Any]], out_png: str | Path, x: str 
         ax.set_title(metric)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)
 
 
 QUALITY_METRICS = ("fid", "clip_score", "geneval_overall", "shapes_overall")
@@ -110,9 +118,4 @@ def plot_quality_speed(scores: Sequence[Mapping[str, Any]], out_png: str | Path,
         ax.set_xlabel("step compression (tokens / forward)")
         ax.set_title(metric + (" (lower is better)" if metric == "fid" else ""))
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)
