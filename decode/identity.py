@@ -59,8 +59,8 @@ def weights_fingerprint(model_cfg: Mapping[str, Any]) -> str:
         if not model_cfg.get(key):
             continue
         root = resolve_path(str(model_cfg[key]))
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()
-                                                      and not any(part.startswith(".") for part in p.parts))
+        files = [root] if root.is_file() else sorted(  # hidden entries *inside* the folder are skipped only
+            p for p in root.rglob("*") if p.is_file() and not any(x.startswith(".") for x in p.relative_to(root).parts))
         for f in files:
             h.update(f"{f.relative_to(root) if f != root else f.name}:{_file_digest(f)}".encode())
     return h.hexdigest()[:16]

@@ -233,3 +233,17 @@ def test_a_prompt_the_model_cannot_tokenize_is_refused_before_writing(tmp_path, 
     with pytest.raises(ValueError, match="'photo' of prompt 'a photo of a bench' is outside the tiny model's"):
         decode_run(decode_cfg(out, "prompts=file", f"prompts.path={prompts}", "prompts.limit=null"), adapter=adapter)
     assert not out.exists()
+
+
+def test_weights_under_a_hidden_folder_are_fingerprinted(tmp_path):
+    from decode.identity import weights_fingerprint
+
+    weights = tmp_path / ".cache" / "hub" / "model"  # e.g. a model in ~/.cache/huggingface
+    weights.mkdir(parents=True)
+    (weights / "model.safetensors").write_bytes(b"first")
+    (weights / ".lock").write_bytes(b"x")
+    first = weights_fingerprint({"path": str(weights)})
+    (weights / ".lock").write_bytes(b"y")  # hidden files inside the folder do not count
+    assert weights_fingerprint({"path": str(weights)}) == first
+    (weights / "model.safetensors").write_bytes(b"other")
+    assert weights_fingerprint({"path": str(weights)}) != first
