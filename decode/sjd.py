@@ -9,8 +9,8 @@ with both CFG streams:
 2. :func:`decode.speculative.accept` tests the drafts in order against their draft distributions q;
    the accepted prefix is committed, then the residual sample at the first rejection, or, when all
    pass, the fresh (bonus) sample of row ``k`` -- every forward commits at least one token;
-3. the cache keeps exactly the committed inputs (``x_last`` and the accepted drafts); the rest is rolled
-   back in every stream together, the attention mask with it;
+3. the cache keeps exactly the committed inputs (``x_last`` and the accepted drafts); the rest is dropped
+   in every stream together (the next request's ``drop``: a rollback at batch 1, masked out in a batch);
 4. the fresh samples after the committed ones become the next drafts with their p as q; new slots at the
    window's tail start as a random image code of the model's own range (``init="random"``) or a copy
    of the spatial neighbour (``init="spatial"``), with one-hot q; forced layout positions are drafted
@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import torch
 
+from decode.batch import Forward, Steps, run_one
 from decode.result import DecodeResult
 from decode.sampling import SamplingConfig, final_probs, forced_ids
 from decode.window import (
     REGIONS,
     check_window,
-    grow_mask,
     jacobi_span,
     n_window_drafts,
     one_hot,
@@ -84,6 +84,60 @@ def new_drafts(
 
 
 @torch.no_grad()
+def sjd_steps(
+    adapter: ModelAdapter,
+    prefill: Prefill,
+    sampling: SamplingConfig,
+    generator: torch.Generator,
+    *,
+    window: int = 16,
+    init: str = "random",
+    jacobi_region: str = "image",
+) -> Steps:
+    """The SJD step coroutine (:mod:`decode.batch`); options as :func:`sjd_decode`."""
+    validate_options(window, init, jacobi_region)
+    layout, vocab_size = adapter.layout, adapter.vocab_size
+    n_tokens, span = layout.n_tokens, jacobi_span(layout, jacobi_region)
+
+    seq, n_streams = yield from open_sequence(adapter, prefill, sampling, generator)  # committed, then drafts
+    device = seq.device
+    n_reject = 0  # inputs of the last forward that were not committed (dropped before the next one)
+    n_committed, per_forward = 1, [1]
+    drafts = seq.new_zeros(0)  # drafts for positions n_committed, n_committed + 1, ...
+    q = torch.zeros(0, vocab_size, dtype=torch.float32, device=device)  # [n_drafts, V]
+    n_tested = n_accepted = 0
+
+    while n_committed < n_tokens:
+        k = n_window_drafts(n_committed, window, span, n_tokens)
+        drafts, q = drafts[:k], q[:k]
+        if drafts.numel() < k:  # new tail slots
+            fresh_slots = new_drafts(seq, n_committed + drafts.numel(), n_committed + k, layout, init, generator)
+            drafts, q = torch.cat([drafts, fresh_slots]), torch.cat([q, one_hot(fresh_slots, vocab_size)])
+        inputs = torch.cat([seq[n_committed - 1 : n_committed], drafts])  # [k + 1]: x_last, d_1..d_k
+        logits = yield Forward(adapter.embed(inputs.expand(n_streams, -1)), drop=n_reject)
+        positions = torch.arange(n_committed, n_committed + k + 1)
+        p = final_probs(logits, positions, layout, sampling)  # [k + 1, V]
+
+        n_acc, committed, fresh = verify(p, q, drafts, generator)
+        n_reject = k - n_acc  # uncommitted inputs: drafts n_acc+1..k
+        seq[n_committed : n_committed + n_acc + 1] = committed
+        n_committed += n_acc + 1
+        drafts, q = fresh[n_acc + 1 :], p[n_acc + 1 :]  # unaccepted fresh samples, their p as q
+        seq[n_committed : n_committed + drafts.numel()] = drafts
+        per_forward.append(n_acc + 1)
+        n_tested, n_accepted = n_tested + k, n_accepted + n_acc
+
+    return DecodeResult(
+        tokens=seq.cpu(),
+        n_forwards=len(per_forward),
+        n_tokens=n_tokens,
+        accepted_per_forward=per_forward,
+        extra={"decoder": "sjd", "window": window, "init": init, "jacobi_region": jacobi_region,
+               "n_drafts_tested": n_tested, "n_drafts_accepted": n_accepted},
+    )
+
+
+@torch.no_grad()
 def sjd_decode(
     adapter: ModelAdapter,
     prefill: Prefill,
@@ -100,45 +154,5 @@ def sjd_decode(
     init: ``"random"`` | ``"spatial"``, the first draft of a new window slot.
     jacobi_region: ``"image"`` (code rows incl. EOLs; AR for head/tail) | ``"all"``.
     """
-    validate_options(window, init, jacobi_region)
-    layout, vocab_size = adapter.layout, adapter.vocab_size
-    n_tokens, span = layout.n_tokens, jacobi_span(layout, jacobi_region)
-
-    seq, cache, mask = open_sequence(adapter, prefill, sampling, generator)  # committed, then current drafts
-    n_streams, device = mask.shape[0], mask.device
-    n_committed, per_forward = 1, [1]
-    drafts = seq.new_zeros(0)  # drafts for positions n_committed, n_committed + 1, ...
-    q = torch.zeros(0, vocab_size, dtype=torch.float32, device=device)  # [n_drafts, V]
-    n_tested = n_accepted = 0
-
-    while n_committed < n_tokens:
-        k = n_window_drafts(n_committed, window, span, n_tokens)
-        drafts, q = drafts[:k], q[:k]
-        if drafts.numel() < k:  # new tail slots
-            fresh_slots = new_drafts(seq, n_committed + drafts.numel(), n_committed + k, layout, init, generator)
-            drafts, q = torch.cat([drafts, fresh_slots]), torch.cat([q, one_hot(fresh_slots, vocab_size)])
-        inputs = torch.cat([seq[n_committed - 1 : n_committed], drafts])  # [k + 1]: x_last, d_1..d_k
-        mask = grow_mask(mask, k + 1)
-        logits, cache = adapter.forward(adapter.embed(inputs.expand(n_streams, -1)), cache, mask)
-        positions = torch.arange(n_committed, n_committed + k + 1)
-        p = final_probs(logits, positions, layout, sampling)  # [k + 1, V]
-
-        n_acc, committed, fresh = verify(p, q, drafts, generator)
-        n_reject = k - n_acc  # uncommitted inputs: drafts n_acc+1..k
-        cache = adapter.rollback(cache, n_reject)
-        mask = mask[:, : mask.shape[1] - n_reject]
-        seq[n_committed : n_committed + n_acc + 1] = committed
-        n_committed += n_acc + 1
-        drafts, q = fresh[n_acc + 1 :], p[n_acc + 1 :]  # unaccepted fresh samples, their p as q
-        seq[n_committed : n_committed + drafts.numel()] = drafts
-        per_forward.append(n_acc + 1)
-        n_tested, n_accepted = n_tested + k, n_accepted + n_acc
-
-    return DecodeResult(
-        tokens=seq.cpu(),
-        n_forwards=len(per_forward),
-        n_tokens=n_tokens,
-        accepted_per_forward=per_forward,
-        extra={"decoder": "sjd", "window": window, "init": init, "jacobi_region": jacobi_region,
-               "n_drafts_tested": n_tested, "n_drafts_accepted": n_accepted},
-    )
+    return run_one(adapter, sjd_steps(adapter, prefill, sampling, generator, window=window, init=init,
+                                      jacobi_region=jacobi_region))

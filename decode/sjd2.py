@@ -37,8 +37,8 @@ One iteration (one forward, CFG streams batched)
    after the last slot). Every forward commits >= 1 token. Since y_m ~ p_m exactly, a slot without a
    draft behaves as a draft with q = 0 (always rejected, residual = p).
 3. KV: kept for the longest prefix of the committed inputs whose input was the clean embedding of the
-   committed token (re-fed committed tokens and accepted slots at level 0); the rest is rolled back in
-   every stream and re-fed clean at the head of the next forward.
+   committed token (re-fed committed tokens and accepted slots at level 0); the rest is dropped in every
+   stream (the next request's ``drop``) and re-fed clean at the head of the next forward.
 4. Window: committed slots leave. Every remaining slot takes its fresh sample y_i as its new draft with
    q = p_i (``draft_q="sampled"``: the distribution y_i was drawn from, as SJD does for its Jacobi
    drafts; ``"one_hot"``: q = one-hot(y_i)). A clean slot is thereby refined as in Jacobi decoding; a
@@ -60,13 +60,13 @@ from typing import Any
 
 import torch
 
+from decode.batch import Forward, Steps, run_one
 from decode.result import DecodeResult
 from decode.sampling import SamplingConfig, final_probs, forced_ids
 from decode.schedule import INIT_MODES, initial_levels, step_levels
 from decode.window import (
     REGIONS,
     check_window,
-    grow_mask,
     jacobi_span,
     n_window_drafts,
     one_hot,
@@ -264,6 +264,95 @@ class Sjd2Window:
 
 
 @torch.no_grad()
+def sjd2_steps(
+    adapter: ModelAdapter,
+    prefill: Prefill,
+    sampling: SamplingConfig,
+    generator: torch.Generator,
+    *,
+    window: int = 96,
+    denoise_steps: int = 25,
+    init_levels: str = "staircase",
+    init_latent: str = "prior_mean",
+    x0: str = "sample",
+    draft_q: str = "sampled",
+    accept_only_clean_inputs: bool = False,
+    timestep_signal: str = "reserved_token",
+    signal_levels: int | None = None,
+    schedule: str = "rectified_flow",
+    spacing: str = "karras",
+    rho: float = 7.0,
+    t_min: float = 0.01,
+    t_max: float = 1.0,
+    jacobi_region: str = "image",
+    check_trained_noise: bool = True,
+    signal: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Steps:
+    """The SJD2 step coroutine (:mod:`decode.batch`); options as :func:`sjd2_decode`."""
+    validate_options(window, init_levels, draft_q, init_latent, jacobi_region)
+    recipe, noise = decoding_noise(adapter, denoise_steps, check_trained_noise, schedule=schedule, spacing=spacing,
+                                   rho=rho, t_min=t_min, t_max=t_max, timestep_signal=timestep_signal,
+                                   signal_levels=signal_levels, x0=x0)
+    if signal is None:
+        signal = make_signal(noise, adapter, mlp=recipe.timestep_mlp)
+    win = Sjd2Window(adapter, noise, signal, init_latent, draft_q, recipe.norm)
+    layout, K = adapter.layout, noise.levels
+    n_tokens, span = layout.n_tokens, jacobi_span(layout, jacobi_region)
+
+    seq, n_streams = yield from open_sequence(adapter, prefill, sampling, generator)  # committed tokens
+    drop = 0  # inputs of the last forward whose KV is not kept (dropped before the next one)
+    n_committed, n_cached, per_forward = 1, 0, [1]  # n_cached: committed tokens whose KV is in the cache
+    slots, stats, opened = win.empty(), Sjd2Stats(), False
+
+    while n_committed < n_tokens:
+        # the window: keep the slots that still fit, add fresh ones at the tail
+        k = n_window_drafts(n_committed, window, span, n_tokens)
+        slots = slots.select(slice(0, k))
+        if len(slots) < k:
+            n_new = k - len(slots)
+            first = not opened  # the window's first opening: init_levels; later slots join the tail at K
+            levels = initial_levels(n_new, K, init_levels) if first else torch.full((n_new,), K)
+            slots = slots.cat(win.new_slots(n_committed + len(slots), levels, generator))
+            opened = True
+
+        # 1. one forward over [uncached committed tokens, slot inputs]
+        refed = seq[n_cached:n_committed]  # [u], u >= 1
+        u = int(refed.numel())
+        inputs = torch.cat([adapter.embed(refed[None])[0], win.inputs(slots)])  # [u + k, D]
+        logits = yield Forward(inputs[None].expand(n_streams, -1, -1), drop=drop)
+        p = final_probs(logits[:, u - 1 :], torch.arange(n_committed, n_committed + k + 1), layout, sampling)
+
+        # 2. verify the eligible prefix, commit
+        eligible = slots.has_draft & (slots.levels == 0) if accept_only_clean_inputs else slots.has_draft
+        not_eligible = (~eligible).nonzero()
+        n_tested = int(not_eligible[0, 0]) if not_eligible.numel() else len(slots)  # test up to the first ineligible
+        n_acc, committed, fresh = verify(p, slots.q, slots.drafts, generator, n_testable=n_tested)
+        stats.record(slots.levels, n_tested, n_acc, K)
+        stats.n_refed_tokens += u - 1
+
+        # 3. keep the KV of the clean committed inputs (a prefix), roll back the rest
+        clean_acc = (slots.levels[:n_acc] != 0).nonzero()
+        keep = u + (int(clean_acc[0, 0]) if clean_acc.numel() else n_acc)
+        drop = u + k - keep
+        seq[n_committed : n_committed + n_acc + 1] = committed
+        n_cached += keep
+        n_committed += n_acc + 1
+        per_forward.append(n_acc + 1)
+
+        # 4. the remaining slots take their fresh samples as drafts; noisy ones denoise one level
+        rest = slice(n_acc + 1, k)
+        slots = win.advance(slots.select(rest), fresh[rest], p[rest])
+
+    extra = {"decoder": "sjd2", "window": window, "init_levels": init_levels, "init_latent": init_latent,
+             "draft_q": draft_q, "accept_only_clean_inputs": accept_only_clean_inputs,
+             "jacobi_region": jacobi_region, "check_trained_noise": check_trained_noise,
+             "norm_from_recipe": recipe.norm is not None, **{f"noise_{k}": v for k, v in asdict(noise).items()},
+             **stats.as_dict()}
+    return DecodeResult(tokens=seq.cpu(), n_forwards=len(per_forward), n_tokens=n_tokens,
+                        accepted_per_forward=per_forward, extra=extra)
+
+
+@torch.no_grad()
 def sjd2_decode(
     adapter: ModelAdapter,
     prefill: Prefill,
@@ -298,66 +387,6 @@ def sjd2_decode(
     embedding normalisation and a trained timestep MLP. ``signal``: an explicit timestep signal, else
     built from ``timestep_signal``, the adapter and the recipe.
     """
-    validate_options(window, init_levels, draft_q, init_latent, jacobi_region)
-    recipe, noise = decoding_noise(adapter, denoise_steps, check_trained_noise, schedule=schedule, spacing=spacing,
-                                   rho=rho, t_min=t_min, t_max=t_max, timestep_signal=timestep_signal,
-                                   signal_levels=signal_levels, x0=x0)
-    if signal is None:
-        signal = make_signal(noise, adapter, mlp=recipe.timestep_mlp)
-    win = Sjd2Window(adapter, noise, signal, init_latent, draft_q, recipe.norm)
-    layout, K = adapter.layout, noise.levels
-    n_tokens, span = layout.n_tokens, jacobi_span(layout, jacobi_region)
-
-    seq, cache, mask = open_sequence(adapter, prefill, sampling, generator)  # committed tokens
-    n_streams = mask.shape[0]
-    n_committed, n_cached, per_forward = 1, 0, [1]  # n_cached: committed tokens whose KV is in the cache
-    slots, stats, opened = win.empty(), Sjd2Stats(), False
-
-    while n_committed < n_tokens:
-        # the window: keep the slots that still fit, add fresh ones at the tail
-        k = n_window_drafts(n_committed, window, span, n_tokens)
-        slots = slots.select(slice(0, k))
-        if len(slots) < k:
-            n_new = k - len(slots)
-            first = not opened  # the window's first opening: init_levels; later slots join the tail at K
-            levels = initial_levels(n_new, K, init_levels) if first else torch.full((n_new,), K)
-            slots = slots.cat(win.new_slots(n_committed + len(slots), levels, generator))
-            opened = True
-
-        # 1. one forward over [uncached committed tokens, slot inputs]
-        refed = seq[n_cached:n_committed]  # [u], u >= 1
-        u = int(refed.numel())
-        inputs = torch.cat([adapter.embed(refed[None])[0], win.inputs(slots)])  # [u + k, D]
-        mask = grow_mask(mask, u + k)
-        logits, cache = adapter.forward(inputs[None].expand(n_streams, -1, -1), cache, mask)
-        p = final_probs(logits[:, u - 1 :], torch.arange(n_committed, n_committed + k + 1), layout, sampling)
-
-        # 2. verify the eligible prefix, commit
-        eligible = slots.has_draft & (slots.levels == 0) if accept_only_clean_inputs else slots.has_draft
-        not_eligible = (~eligible).nonzero()
-        n_tested = int(not_eligible[0, 0]) if not_eligible.numel() else len(slots)  # test up to the first ineligible
-        n_acc, committed, fresh = verify(p, slots.q, slots.drafts, generator, n_testable=n_tested)
-        stats.record(slots.levels, n_tested, n_acc, K)
-        stats.n_refed_tokens += u - 1
-
-        # 3. keep the KV of the clean committed inputs (a prefix), roll back the rest
-        clean_acc = (slots.levels[:n_acc] != 0).nonzero()
-        keep = u + (int(clean_acc[0, 0]) if clean_acc.numel() else n_acc)
-        cache = adapter.rollback(cache, u + k - keep)
-        mask = mask[:, : mask.shape[1] - (u + k - keep)]
-        seq[n_committed : n_committed + n_acc + 1] = committed
-        n_cached += keep
-        n_committed += n_acc + 1
-        per_forward.append(n_acc + 1)
-
-        # 4. the remaining slots take their fresh samples as drafts; noisy ones denoise one level
-        rest = slice(n_acc + 1, k)
-        slots = win.advance(slots.select(rest), fresh[rest], p[rest])
-
-    extra = {"decoder": "sjd2", "window": window, "init_levels": init_levels, "init_latent": init_latent,
-             "draft_q": draft_q, "accept_only_clean_inputs": accept_only_clean_inputs,
-             "jacobi_region": jacobi_region, "check_trained_noise": check_trained_noise,
-             "norm_from_recipe": recipe.norm is not None, **{f"noise_{k}": v for k, v in asdict(noise).items()},
-             **stats.as_dict()}
-    return DecodeResult(tokens=seq.cpu(), n_forwards=len(per_forward), n_tokens=n_tokens,
-                        accepted_per_forward=per_forward, extra=extra)
+    options = {name: value for name, value in locals().items()
+               if name not in ("adapter", "prefill", "sampling", "generator")}
+    return run_one(adapter, sjd2_steps(adapter, prefill, sampling, generator, **options))

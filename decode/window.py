@@ -1,14 +1,17 @@
-"""What ar, sjd and sjd2 share: the prefill, the growing attention mask, where windows may open, how many
-drafts a window holds, and the one verification step of a speculative window.
+"""What ar, sjd and sjd2 share: the prompt request, the opening, where windows may open, how many drafts a
+window holds, and the one verification step of a speculative window. (The cache and attention mask are
+the driver's, :mod:`decode.batch`.)
 
 The decoders are siblings over this module and the adapter protocol; none imports another.
 """
 from __future__ import annotations
 
+from collections.abc import Generator
 from typing import Any
 
 import torch
 
+from decode.batch import Forward
 from decode.sampling import SamplingConfig, final_probs, sample
 from decode.speculative import accept
 from models.base import ImageLayout, ModelAdapter, Prefill
@@ -31,30 +34,24 @@ def check_window(window: Any, hint: str) -> None:
         raise ValueError(f"decoder.window must be an integer >= 1 ({hint}), got {window!r}")
 
 
-def open_sequence(adapter: ModelAdapter, prefill: Prefill, sampling: SamplingConfig,
-                  generator: torch.Generator) -> tuple[torch.Tensor, Any, torch.Tensor]:
-    """The opening every window decoder shares: check the generator, run the prompt, sample token 0 (no
-    window opens before it). Returns (the sequence [n_tokens] with token 0 committed, cache, mask [B, T])."""
-    check_generator(generator, adapter.device)
-    logits, cache, mask = prefill_forward(adapter, prefill)
-    seq = torch.zeros(adapter.layout.n_tokens, dtype=torch.long, device=mask.device)
-    seq[:1] = sample(final_probs(logits, torch.tensor([0]), adapter.layout, sampling), generator)
-    return seq, cache, mask
-
-
-def prefill_forward(adapter: ModelAdapter, prefill: Prefill) -> tuple[torch.Tensor, Any, torch.Tensor]:
-    """Run the prompt. Returns (logits of the last prompt position [B, 1, V], cache, attention mask [B, T])."""
-    ids = prefill.input_ids.to(adapter.device)  # [B, T]
-    mask = prefill.attention_mask.to(adapter.device)  # [B, T]
+def prefill_request(adapter: ModelAdapter, prefill: Prefill) -> Forward:
+    """The prompt as a decoder's first request (its left padding masked out)."""
+    ids = prefill.input_ids.to(adapter.device)  # [S, T]
     if ids.shape[0] not in (1, 2):
         raise ValueError(f"prefill has {ids.shape[0]} rows; expected 1 (no CFG) or 2 (cond, uncond)")
-    logits, cache = adapter.forward(adapter.embed(ids), None, mask)
-    return logits[:, -1:], cache, mask
+    return Forward(adapter.embed(ids), mask=prefill.attention_mask.to(adapter.device))
 
 
-def grow_mask(mask: torch.Tensor, n: int) -> torch.Tensor:
-    """Append n attended positions to every stream's attention mask [B, T] -> [B, T + n]."""
-    return torch.cat([mask, mask.new_ones(mask.shape[0], n)], dim=1)
+def open_sequence(adapter: ModelAdapter, prefill: Prefill, sampling: SamplingConfig,
+                  generator: torch.Generator) -> Generator[Forward, torch.Tensor, tuple[torch.Tensor, int]]:
+    """The opening every window decoder shares (a sub-coroutine: ``seq, n_streams = yield from ...``): check
+    the generator, run the prompt, sample token 0 (no window opens before it). Returns (the sequence
+    [n_tokens] with token 0 committed, the number of streams)."""
+    check_generator(generator, adapter.device)
+    logits = yield prefill_request(adapter, prefill)
+    seq = torch.zeros(adapter.layout.n_tokens, dtype=torch.long, device=logits.device)
+    seq[:1] = sample(final_probs(logits[:, -1:], torch.tensor([0]), adapter.layout, sampling), generator)
+    return seq, int(logits.shape[0])
 
 
 def jacobi_span(layout: ImageLayout, jacobi_region: str) -> tuple[int, int]:

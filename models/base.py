@@ -151,16 +151,22 @@ class ModelAdapter(Protocol):
         """[B, L] ids -> [B, L, D] input embeddings (model dtype)."""
 
     def forward(
-        self, inputs_embeds: torch.Tensor, cache: Any, attention_mask: torch.Tensor
+        self, inputs_embeds: torch.Tensor, cache: Any, attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Any]:
         """Append a window of any length to ``cache`` (None: a new one).
 
-        inputs_embeds: [B, L, D]; attention_mask: [B, cached + L]. Returns float32 logits [B, L, V]
-        and the grown cache.
+        inputs_embeds: [B, L, D]; attention_mask: [B, cached + L]; position_ids: [B, L] (None: the
+        column index, as batch 1 always had; batched decoding passes the attended count, see
+        :mod:`decode.batch`). Returns float32 logits [B, L, V] and the grown cache.
         """
 
     def rollback(self, cache: Any, n: int) -> Any:
         """Drop the last ``n`` cache entries of every stream; returns the cache."""
+
+    def gather_cache(self, cache: Any, rows: torch.Tensor, cols: torch.Tensor) -> Any:
+        """A cache whose stream i holds, in order, the entries ``cols[i]`` [T'] of old stream ``rows[i]``
+        (batched decoding's compaction); returns the new cache."""
 
     def decode_image(self, tokens: torch.Tensor) -> Any:
         """Full image sequence [n_tokens] -> PIL.Image through the model's image decoder."""
@@ -217,17 +223,20 @@ class HFAdapter:
 
     @torch.no_grad()
     def forward(
-        self, inputs_embeds: torch.Tensor, cache: Any, attention_mask: torch.Tensor
+        self, inputs_embeds: torch.Tensor, cache: Any, attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Any]:
         from transformers import DynamicCache
 
         if cache is None:
             cache = DynamicCache(config=self.model.config)
+        extra = {} if position_ids is None else {"position_ids": position_ids.to(self.device)}
         out = self.backbone(
             inputs_embeds=inputs_embeds.to(self.dtype),
             past_key_values=cache,
             attention_mask=attention_mask.to(self.device),
             use_cache=True,
+            **extra,
         )
         logits = self.lm_head(out.last_hidden_state).float()  # [B, L, V]
         return logits, out.past_key_values
@@ -237,6 +246,14 @@ class HFAdapter:
             raise ValueError(f"rollback needs n >= 0, got {n}")
         if n:
             cache.crop(-n)  # transformers 5.x: a negative argument removes that many entries
+        return cache
+
+    def gather_cache(self, cache: Any, rows: torch.Tensor, cols: torch.Tensor) -> Any:
+        for layer in cache.layers:  # transformers 5.x DynamicLayer: keys / values [B, H, T, Dh]
+            index = cols.to(layer.keys.device)[:, None, :, None]
+            for name in ("keys", "values"):
+                old = getattr(layer, name)[rows.to(layer.keys.device)]
+                setattr(layer, name, torch.gather(old, 2, index.expand(-1, old.shape[1], -1, old.shape[3])))
         return cache
 
     def _need_vq(self, missing: str) -> Any:
