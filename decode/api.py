@@ -11,17 +11,18 @@ guided logits equal the conditional ones, so the second stream would only cost c
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import fields
 from typing import Any
 
 import torch
 
-from decode.ar import ar_decode
+from decode.ar import ar_decode, ar_steps
+from decode.batch import Finished, run_batched
 from decode.result import DecodeResult
 from decode.sampling import SamplingConfig
 from decode.schema import STAGE_OPTIONS, check_decoder
-from decode.sjd import sjd_decode
+from decode.sjd import sjd_decode, sjd_steps
 from models.base import ModelAdapter
 
 
@@ -51,12 +52,19 @@ DECODERS: dict[str, Callable[..., DecodeResult]] = {
     "sjd2": LazyDecoder("decode.sjd2:sjd2_decode"),
 }
 
+# the same decoders as step coroutines (decode.batch), for batched decoding
+STEPS: dict[str, Callable[..., Any]] = {
+    "ar": ar_steps,
+    "sjd": sjd_steps,
+    "sjd2": LazyDecoder("decode.sjd2:sjd2_steps"),
+}
 
-def resolve_decoder(decoder_cfg: Mapping[str, Any]) -> tuple[Callable[..., DecodeResult], dict[str, Any]]:
+
+def resolve_decoder(decoder_cfg: Mapping[str, Any], steps: bool = False) -> tuple[Callable[..., Any], dict[str, Any]]:
     """``{"name": ..., **options}`` -> (decoder function, its keyword options), validated by the decoder's
-    typed options (:mod:`decode.schema`)."""
+    typed options (:mod:`decode.schema`); ``steps``: its step coroutine (:data:`STEPS`) instead."""
     options = check_decoder(decoder_cfg)
-    fn = DECODERS[options.name]
+    fn = (STEPS if steps else DECODERS)[options.name]
     if isinstance(fn, LazyDecoder):
         fn = fn.resolve()
     return fn, {f.name: getattr(options, f.name) for f in fields(options) if f.name not in STAGE_OPTIONS}
@@ -75,4 +83,26 @@ def generate(
     return fn(adapter, prefill, sampling, generator, **options)
 
 
-__all__ = ["DECODERS", "DecodeResult", "LazyDecoder", "SamplingConfig", "generate", "resolve_decoder"]
+def generate_batch(
+    adapter: ModelAdapter,
+    items: Iterable[tuple[Any, str, int]],
+    decoder_cfg: Mapping[str, Any],
+    sampling: SamplingConfig,
+    batch_size: int,
+) -> Iterator[Finished]:
+    """Decode ``items`` = (key, text, seed) ``batch_size`` at a time (:func:`decode.batch.run_batched`): each
+    image with its own generator seeded from its seed, exactly as :func:`generate` would decode it alone;
+    yields :class:`decode.batch.Finished` rows as they finish."""
+    fn, options = resolve_decoder(decoder_cfg, steps=True)
+    cfg = sampling.cfg_scale != 1.0
+
+    def jobs() -> Iterator[tuple[Any, Any]]:
+        for key, text, seed in items:
+            generator = torch.Generator(device=adapter.device).manual_seed(seed)
+            yield key, fn(adapter, adapter.prompt(text, cfg=cfg), sampling, generator, **options)
+
+    yield from run_batched(adapter, jobs(), batch_size)
+
+
+__all__ = ["DECODERS", "STEPS", "DecodeResult", "LazyDecoder", "SamplingConfig", "generate", "generate_batch",
+           "resolve_decoder"]

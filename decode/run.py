@@ -12,8 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,17 +23,12 @@ from omegaconf import DictConfig, OmegaConf
 from core.errors import UserError, one_line_errors
 from core.rundir import (
     CONF_DIR,
-    append_record,
     atomic_write_bytes,
-    environment,
     finished,
     image_name,
-    image_seed,
     read_records,
     samples_name,
-    save_image,
     shard_lock,
-    sync_device,
 )
 from data.prompts import Prompt, apply_limit, load_prompts
 from decode import schema
@@ -46,10 +40,9 @@ from decode.identity import (  # RunDirConflict: decode.run's error since the fi
     prompts_fingerprint,
     weights_fingerprint,
 )
+from decode.loop import GenerateFn, decode_images, timed_generate  # noqa: F401 (timed_generate: bench)
 
 KEY_ABBREVIATIONS = {"window": "w", "denoise_steps": "d"}  # decoder options spelled in folder names
-
-GenerateFn = Callable[..., Any]  # decode.api.generate(adapter, text, decoder_cfg, sampling, generator)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -118,74 +111,6 @@ def run_key(decoder: Any, sampling: Any) -> str:
 
 OmegaConf.register_new_resolver("run_key", run_key, replace=True)
 schema.register()
-
-
-# ---------------------------------------------------------------------------------------------------
-# One image
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return repr(value)
-
-
-@dataclass(frozen=True)
-class Timed:
-    """A decode result with its cost: ``latency_s`` covers token generation only (not the VQ decode)."""
-
-    result: Any
-    latency_s: float
-    peak_mem_bytes: int | None
-
-
-def timed_generate(generate_fn: GenerateFn, adapter: Any, text: str, decoder_cfg: Mapping[str, Any],
-                   sampling: Any, seed: int) -> Timed:
-    """One batch-1 decode between synchronised timers, with its own seeded generator."""
-    device = torch.device(adapter.device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    sync_device(device)
-    start = time.perf_counter()
-    result = generate_fn(adapter, text, decoder_cfg, sampling, generator)
-    sync_device(device)
-    latency_s = time.perf_counter() - start
-    peak = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
-    return Timed(result, latency_s, peak)
-
-
-def make_record(prompt: Prompt, sample: int, seed: int, image: str, timed: Timed, image_decode_s: float,
-                conf: Mapping[str, Any], shard: int) -> dict[str, Any]:
-    """The JSON line of one image (every field eval needs to recompute its metrics)."""
-    res = timed.result
-    coco = {f"coco_{k}": prompt.meta[k] for k in ("image_id", "file_name") if k in (prompt.meta or {})}
-    return {
-        "idx": prompt.idx,
-        "sample": sample,
-        "prompt": prompt.prompt,
-        "category": prompt.category,
-        "seed": seed,
-        "model": conf["model"].get("name"),
-        "decoder": conf["decoder"].get("name"),
-        "image": image,
-        "n_tokens": int(res.n_tokens),
-        "n_forwards": int(res.n_forwards),
-        "latency_s": timed.latency_s,
-        "image_decode_s": image_decode_s,
-        "peak_mem_bytes": timed.peak_mem_bytes,
-        "accepted_per_forward": [int(a) for a in res.accepted_per_forward],
-        "tokens": torch.as_tensor(res.tokens).reshape(-1).tolist(),
-        "shard": shard,
-        "extra": _json_safe(getattr(res, "extra", {}) or {}),
-        **coco,  # COCO prompt sets: the val image this caption belongs to (FID's reference matching)
-    }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -319,36 +244,11 @@ def decode_run(cfg: DictConfig | Mapping[str, Any], *, adapter: Any = None,
         # 3. Decode.
         n_decoded = 0
         if todo:
-            n_decoded = _decode_images(conf, todo, run_dir, records_path, shard, per_prompt, sampling, adapter,
-                                       generate_fn)
+            n_decoded = decode_images(conf, todo, run_dir, records_path, shard, per_prompt, sampling, adapter,
+                                      generate_fn)
     if conf["prompts"].get("geneval_folder"):
         write_geneval_folder(run_dir, [p for p in prompts if p.idx % shard[1] == shard[0]], per_prompt)
     return RunSummary(run_dir, shard, n_images=n_mine, n_skipped=n_mine - len(todo_all), n_decoded=n_decoded)
-
-
-def _decode_images(conf: Mapping[str, Any], todo: list[tuple[Prompt, int]], run_dir: Path, records_path: Path,
-                   shard: tuple[int, int], per_prompt: int, sampling: Any, adapter: Any,
-                   generate_fn: GenerateFn) -> int:
-    """Warm up, then decode, save and record ``todo`` one image at a time."""
-    from tqdm import tqdm
-
-    decoder_cfg, seed = conf["decoder"], int(conf["seed"])
-    env_name = "env.json" if shard[1] == 1 else f"env-{shard[0]}.json"
-    atomic_write_bytes(run_dir / env_name, json.dumps(environment(adapter.device), indent=1).encode())
-    if conf["warmup"]:  # compile kernels, fill allocators: not part of any timing
-        timed_generate(generate_fn, adapter, todo[0][0].prompt, decoder_cfg, sampling, image_seed(seed, -1))
-    bar = tqdm(todo, desc=f"{conf['decoder'].get('name')} shard {shard[0]}/{shard[1]}",
-               disable=not conf["progress"], unit="img")
-    for prompt, j in bar:
-        s = image_seed(seed, prompt.idx, j)
-        timed = timed_generate(generate_fn, adapter, prompt.prompt, decoder_cfg, sampling, s)
-        t0 = time.perf_counter()
-        image = adapter.decode_image(timed.result.tokens)
-        image_decode_s = time.perf_counter() - t0
-        name = image_name(prompt.idx, j, per_prompt)
-        save_image(image, run_dir / name)
-        append_record(records_path, make_record(prompt, j, s, name, timed, image_decode_s, conf, shard[0]))
-    return len(todo)
 
 
 @one_line_errors

@@ -107,6 +107,7 @@ class DecodeStage:
     sampling: Any = field(default_factory=SamplingFields)
     shard: ShardConfig = field(default_factory=ShardConfig)
     warmup: bool = True
+    batch_size: int = 1
     max_images: int | None = None
     progress: bool = True
     force: bool = False

@@ -145,6 +145,9 @@ def _image_rows(run: Any, metric: str, source: Source) -> list[Mapping[str, Any]
         if run.records and "n_forwards" not in run.records[0]:
             raise ValueError(f"{run.run_dir} has no speed fields in its records (not a decoded run); "
                              f"drop {metric} from the compared metrics")
+        if metric.startswith("latency") and any(int(r.get("batch_size") or 1) > 1 for r in run.records):
+            raise ValueError(f"{run.run_dir} was decoded in batches (batch_size > 1): its images have no batch-1 "
+                             f"latency, so {metric} cannot be compared; decode with batch_size=1 for latency")
         return run.records
     path = per_image_path(run.run_dir, source.file)
     if not path.is_file():
@@ -234,7 +237,9 @@ def _available(groups: Sequence[Sequence[Any]], metric: str) -> bool:
     source = METRICS[metric]
     runs = [r for g in groups for r in g]
     if source.file is None:
-        return all(r.records and "n_forwards" in r.records[0] for r in runs)
+        batched = metric.startswith("latency") and any(int(x.get("batch_size") or 1) > 1 for r in runs
+                                                       for x in r.records)
+        return not batched and all(r.records and "n_forwards" in r.records[0] for r in runs)
     return any(per_image_path(r.run_dir, source.file).is_file() for r in runs)
 
 

@@ -3,6 +3,9 @@
 Step compression is the papers' *mean of ratios*: the mean over images of ``n_tokens / n_forwards``
 (not total tokens over total forwards). Latency is per image, batch 1, generation only (the VQ image
 decode is recorded apart as ``image_decode_s``), timed between synchronised timers, warm-up excluded.
+A run with any image decoded in a batch (``batch_size > 1``, :mod:`decode.loop`) has no batch-1 latency:
+its latency metrics are left out (so no latency speed-up is derived from it) and its speed is throughput,
+images per second of the decode loop (VQ decode and saving included), summed over loop invocations.
 """
 from __future__ import annotations
 
@@ -25,9 +28,30 @@ def step_compression(records: Sequence[Mapping[str, Any]]) -> float:
 
 
 def latency_stats(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """Mean and median per-image latency in seconds."""
+    """Mean and median per-image latency in seconds (batch-1 records only)."""
+    if batch_size(records) > 1:
+        raise ValueError(f"{sum(int(r.get('batch_size') or 1) > 1 for r in records)} of {len(records)} images were "
+                         "decoded in batches: they have no batch-1 latency (compare throughput_img_s instead, or "
+                         "decode with batch_size=1 for latency)")
     lat = [float(r["latency_s"]) for r in records]
     return {"latency_mean_s": statistics.fmean(lat), "latency_median_s": statistics.median(lat)}
+
+
+def batch_size(records: Sequence[Mapping[str, Any]]) -> int:
+    """The largest batch any image was decoded in (records before batching: 1)."""
+    return max((int(r.get("batch_size") or 1) for r in records), default=1)
+
+
+def throughput(records: Sequence[Mapping[str, Any]]) -> float | None:
+    """Images per second: images over the summed wall time of the decode loops that made them (each loop:
+    its last ``loop_s``); None when a record lacks the loop fields (runs decoded before they existed)."""
+    spans: dict[str, float] = {}
+    for r in records:
+        if r.get("loop_id") is None or r.get("loop_s") is None:
+            return None
+        spans[r["loop_id"]] = max(spans.get(r["loop_id"], 0.0), float(r["loop_s"]))
+    total = sum(spans.values())
+    return len(records) / total if total > 0 else None
 
 
 def peak_memory(records: Sequence[Mapping[str, Any]]) -> int | None:
@@ -42,9 +66,14 @@ def speed_scores(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "step_compression": step_compression(records),
         "n_forwards_mean": statistics.fmean(r["n_forwards"] for r in records),
         "n_tokens_mean": statistics.fmean(r["n_tokens"] for r in records),
-        **latency_stats(records),
         "peak_mem_bytes": peak_memory(records),
+        "batch_size": batch_size(records),
+        "throughput_img_s": throughput(records),
     }
+    if out["batch_size"] == 1:
+        out.update(latency_stats(records))
+    else:
+        out["latency_note"] = f"batched (batch_size={out['batch_size']}): no batch-1 latency; see throughput_img_s"
     if all(r.get("image_decode_s") is not None for r in records):  # the VQ decode, apart from latency_s
         out["image_decode_mean_s"] = statistics.fmean(r["image_decode_s"] for r in records)
     return out

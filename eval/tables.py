@@ -15,6 +15,7 @@ from typing import Any
 
 KEY_OPTIONS = ("window", "denoise_steps")  # decoder options always shown when present
 METRIC_ORDER = ("step_compression", "n_forwards_mean", "latency_mean_s", "latency_median_s", "latency_speedup",
+                "batch_size", "throughput_img_s", "throughput_speedup",
                 "peak_mem_mib", "fid", "clip_score", "geneval_overall", "shapes_overall", "shapes_accuracy")
 HIDDEN_METRICS = {"n_tokens_mean", "peak_mem_bytes"}
 HIDDEN_SUFFIXES = ("_n_scored", "_n")  # counts of scored images: n_images / of_n say it (scores.json keeps them)
@@ -41,10 +42,12 @@ def _option_columns(scores: Sequence[Mapping[str, Any]]) -> list[tuple[str, str,
     return cols
 
 
-def _ar_reference(s: Mapping[str, Any], scores: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
-    """The AR run with the same model, prompts, seed and sampling as ``s`` (None if absent)."""
+def _ar_reference(s: Mapping[str, Any], scores: Sequence[Mapping[str, Any]], batch: int = 1) -> Mapping[str, Any] | None:
+    """The AR run with the same model, prompts, seed and sampling as ``s``, decoded at batch size ``batch``
+    (None if absent)."""
     for r in scores:
-        if r["decoder"] == "ar" and all(r.get(k) == s.get(k) for k in ("model", "prompts", "seed", "sampling")):
+        if (r["decoder"] == "ar" and all(r.get(k) == s.get(k) for k in ("model", "prompts", "seed", "sampling"))
+                and r["metrics"].get("batch_size", 1) == batch):
             return r
     return None
 
@@ -56,6 +59,9 @@ def _metrics_with_derived(s: Mapping[str, Any], scores: Sequence[Mapping[str, An
     ref = _ar_reference(s, scores)
     if ref is not None and "latency_mean_s" in m and "latency_mean_s" in ref["metrics"]:
         m["latency_speedup"] = ref["metrics"]["latency_mean_s"] / m["latency_mean_s"]
+    same = _ar_reference(s, scores, m.get("batch_size", 1))  # throughput: over AR at the same batch size
+    if same is not None and m.get("throughput_img_s") and same["metrics"].get("throughput_img_s"):
+        m["throughput_speedup"] = m["throughput_img_s"] / same["metrics"]["throughput_img_s"]
     return m
 
 
