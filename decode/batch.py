@@ -196,13 +196,14 @@ class BatchedCache:
 
 
 def run_batched(adapter: Any, jobs: Iterable[tuple[Any, Steps]], batch_size: int,
-                stats: BatchStats | None = None) -> Iterator[Finished]:
+                stats: BatchStats | None = None, hole_share: float = 0.5) -> Iterator[Finished]:
     """Drive up to ``batch_size`` decoder coroutines at once (module docstring); yields each row as it
-    finishes (not in job order). ``jobs``: (key, an unstarted step coroutine), pulled lazily."""
+    finishes (not in job order). ``jobs``: (key, an unstarted step coroutine), pulled lazily;
+    ``hole_share``: compact the cache once masked entries exceed this share of it."""
     if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     pending = iter(jobs)
-    shared = BatchedCache(adapter)
+    shared = BatchedCache(adapter, hole_share)
     if stats is not None:
         shared.stats = stats
     t0 = time.perf_counter()
