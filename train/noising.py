@@ -22,6 +22,8 @@ Decisions the paper leaves open (all documented in ``conf/train/*.yaml``):
   positions only") counts only targets that are free image codes, since the decoder forces head, EOL and
   tail tokens itself; ``image`` counts every target of the image sequence (head, EOL, tail included, as
   Lumina-mGPT's fine-tuning). Prompt and padding targets are always ``IGNORE``.
+* **Loss after the span** (``loss_after_span``, default on): positions after a row's last noisy input see a
+  noisy history that decoding never produces; ``false`` drops their loss (the slots keep theirs).
 * **Prompt dropout** (``prompt_dropout``): the prompt of a sequence is replaced by the adapter's
   unconditional context (the exact ids its CFG row attends to), so CFG keeps working.
 
@@ -52,6 +54,8 @@ class NoiseLayoutConfig:
     segments_max: int = 8  # the span is split into 1..segments_max segments, one noise level each
     prompt_dropout: float = 0.1  # share of sequences whose prompt is replaced by the unconditional one
     loss_on: str = "codes"  # "codes": targets that are free image codes; "image": the whole image sequence
+    loss_after_span: bool = True  # False: no loss at the clean positions after a row's noisy span (their history
+    #                               is noisy, which decoding never feeds: levels never decrease along a window)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.clean_share <= 1.0:
@@ -158,6 +162,11 @@ def make_batch(
     free = (layout.forced_ids(torch.arange(n_img)) == FREE).nonzero().flatten() + p_max  # code columns
     for r, rng in enumerate(rngs):
         levels[r, free] = torch.from_numpy(sample_levels(len(free), cfg, n_levels, rng))
+    if not cfg.loss_after_span:
+        for r in range(b):
+            noisy_cols = (levels[r] > 0).nonzero().flatten()
+            if noisy_cols.numel():
+                labels[r, int(noisy_cols[-1]) + 1 :] = IGNORE
     noise_seeds = torch.tensor([int(rng.integers(0, 2**62)) for rng in rngs], dtype=torch.long)
     return Batch(input_ids, attention_mask, labels, levels, noise_seeds, p_max)
 

@@ -11,10 +11,14 @@ Steps of the forward:
 2. at positions with level k >= 1: ``denorm(alpha_k norm(e) + sigma_k eps) + signal(t_k)``
    (``models.noisy.noisy_embedding``; eps drawn per row from the row's seed on the model's device)
 3. hidden states of the backbone, then the LM head on the loss positions only  # [N, V] float32
-4. ``ce = CE(logits, next clean token)``, ``z = z_loss * mean(logsumexp(logits)^2)``; loss = ce + z.
+4. ``ce = CE(logits, next clean token)``, ``z = z_loss * mean(logsumexp(logits)^2)``; loss = ce + z;
+5. with ``distill > 0``: + ``distill * mean KL(start || model)`` over the loss positions whose inputs are all
+   clean so far (the prefix before a row's noisy span, clean rows), the teacher a frozen copy of the
+   starting weights fed the clean ids: plain AR predictions (cond and CFG rows) stay those of the start.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +37,8 @@ class ObjectiveConfig:
     z_loss: float = 1e-5  # weight of the z-loss mean(logsumexp(logits)^2) (Lumina-mGPT: 1e-5; 0 disables)
     loss_chunk_tokens: int = 0  # >0: LM head + CE over chunks of this many tokens, recomputed in backward
     timestep_mlp_width: int = 256  # hidden width of the TimestepMLP (only with noise.timestep_signal=mlp)
+    distill: float = 0.0  # >0: weight of KL(starting weights || model) at clean-history loss positions
+    #                       (a frozen copy of the start as teacher: one extra forward; plain engine, small models)
 
 
 def _submodule_name(root: nn.Module, target: nn.Module) -> str:
@@ -72,6 +78,8 @@ class NoisyLM(nn.Module):
         self.noise, self.objective = noise, objective
         self._backbone = _submodule_name(self.lm, adapter.backbone)
         self._lm_head = _submodule_name(self.lm, adapter.lm_head)
+        # a list, not an attribute: the teacher must stay out of parameters(), the state dict and the optimiser
+        self._teacher = [copy.deepcopy(self.lm).eval().requires_grad_(False)] if objective.distill > 0 else []
         # float32 statistics kept off the module (a bf16 cast of the module must not round them)
         self.norm = EmbeddingNorm(norm.mean, norm.std) if norm is not None else None
         self.timestep_mlp, self._signal_fn = None, None
@@ -120,7 +128,27 @@ class NoisyLM(nn.Module):
         ce_sum, z_sum = self._head_loss(hidden, target)
         n = torch.tensor(float(hidden.shape[0]), device=hidden.device)
         ce, zl = ce_sum / n, self.objective.z_loss * z_sum / n
-        return {"loss": ce + zl, "ce": ce.detach(), "z_loss": zl.detach(), "n_tokens": n}
+        out_d = {"loss": ce + zl, "ce": ce.detach(), "z_loss": zl.detach(), "n_tokens": n}
+        if self._teacher:
+            dl = self.objective.distill * self._distill(input_ids, attention_mask, levels, keep, out.last_hidden_state)
+            out_d["loss"] = out_d["loss"] + dl
+            out_d["distill"] = dl.detach()
+        return out_d
+
+    def _distill(self, input_ids, attention_mask, levels, keep, hidden_all) -> torch.Tensor:
+        """Mean KL(teacher || model) over the loss positions whose inputs are clean up to there."""
+        mask = keep & (levels.cumsum(dim=1) == 0)  # [B, T]
+        if not bool(mask.any()):
+            return hidden_all.new_zeros((), dtype=torch.float32)
+        teacher = self._teacher[0]
+        if next(teacher.parameters()).device != input_ids.device:
+            teacher.to(input_ids.device)
+        with torch.no_grad():
+            t_hidden = teacher.get_submodule(self._backbone)(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state[mask]
+            t_logp = F.log_softmax(teacher.get_submodule(self._lm_head)(t_hidden).float(), dim=-1)
+        s_logp = F.log_softmax(self.lm.get_submodule(self._lm_head)(hidden_all[mask]).float(), dim=-1)
+        return (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
 
     def _head_loss(self, hidden: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of CE, sum of logsumexp^2) over all rows, optionally chunked with recomputation."""

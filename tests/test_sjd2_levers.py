@@ -1,0 +1,78 @@
+"""SJD2 fine-tuning levers (issue 11): ``loss_after_span`` of the noise layout, the proxy's KL helpers."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from tests.test_noising import K, batch, records
+from train.noising import IGNORE, NoiseLayoutConfig
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    from models.tiny import build
+    from tests.conftest import micro_config
+
+    return build(micro_config(n_codes=8, hidden_size=32, num_hidden_layers=1), seed=0, image_size=16)
+
+
+def test_loss_after_span_false_drops_exactly_the_targets_after_the_last_noisy_input(adapter):
+    recs = records(adapter, 48)
+    on = NoiseLayoutConfig(clean_share=0.3, span_max=12, segments_max=3, prompt_dropout=0.0)
+    a, b = batch(adapter, recs, on), batch(adapter, recs, replace(on, loss_after_span=False))
+    assert torch.equal(a.levels, b.levels) and torch.equal(a.input_ids, b.input_ids)  # same layout, same draws
+    n_noisy_rows = 0
+    for r in range(len(recs)):
+        noisy = (a.levels[r] > 0).nonzero().flatten()
+        if noisy.numel() == 0:  # a clean row keeps every target
+            assert torch.equal(a.labels[r], b.labels[r])
+            continue
+        n_noisy_rows += 1
+        last = int(noisy[-1])
+        assert torch.equal(a.labels[r, : last + 1], b.labels[r, : last + 1]), "a slot or the clean prefix lost its loss"
+        assert (b.labels[r, last + 1 :] == IGNORE).all()
+    assert 0 < n_noisy_rows < len(recs)
+    assert int((b.labels != IGNORE).sum()) < int((a.labels != IGNORE).sum()), "nothing was dropped"
+
+
+def test_default_keeps_the_loss_after_the_span():
+    assert NoiseLayoutConfig().loss_after_span is True
+
+
+def test_kl_rows_is_zero_on_itself_and_positive_otherwise():
+    from bench.sjd2_levers import cfg_logits, kl_rows
+
+    p = torch.randn(5, K)
+    assert torch.allclose(kl_rows(p, p), torch.zeros(5), atol=1e-6)
+    assert (kl_rows(p, p + torch.randn(5, K)) > 0).all()
+    assert torch.equal(cfg_logits(p, p, 3.0), p)  # equal rows: guidance changes nothing
+
+
+def test_distill_term_is_zero_at_the_start_grows_when_the_model_moves_and_the_teacher_stays_frozen():
+    from tests.test_train import fixed_batch, micro, module_for
+    from train.objective import ObjectiveConfig
+
+    adapter = micro()
+    plain = module_for(adapter)
+    assert plain._teacher == [] and "distill" not in plain(*_args(fixed_batch(adapter, 6, clean_share=0.3)))
+    m = module_for(micro(), ObjectiveConfig(distill=1.0))
+    b = fixed_batch(m.adapter, 6, clean_share=0.3)
+    n_params = sum(p.numel() for p in m.parameters())
+    assert n_params == sum(p.numel() for p in plain.parameters()), "the teacher leaked into parameters()"
+    assert set(m.state_dict()) == set(plain.state_dict())
+    out = m(*_args(b))
+    assert float(out["distill"]) == pytest.approx(0.0, abs=1e-6)  # student == teacher
+    with torch.no_grad():
+        for p in m.lm.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    out = m(*_args(b))
+    assert float(out["distill"]) > 1e-4
+    assert float(out["loss"]) == pytest.approx(float(out["ce"] + out["z_loss"] + out["distill"]), rel=1e-5)
+    out["loss"].backward()
+    assert all(p.grad is None for p in m._teacher[0].parameters())
+
+
+def _args(b):
+    return b.input_ids, b.attention_mask, b.labels, b.levels, b.noise_seeds
