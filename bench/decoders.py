@@ -38,11 +38,13 @@ class ForwardTimer:
     def reset(self) -> None:
         self.forward_s, self.n_forwards = 0.0, 0
 
-    def forward(self, inputs_embeds: torch.Tensor, cache: Any, attention_mask: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    def forward(self, inputs_embeds: torch.Tensor, cache: Any, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
         device = torch.device(self._inner.device)
         sync_device(device)
         t0 = time.perf_counter()
-        out = self._inner.forward(inputs_embeds, cache, attention_mask)
+        kw = {} if position_ids is None else {"position_ids": position_ids}
+        out = self._inner.forward(inputs_embeds, cache, attention_mask, **kw)
         sync_device(device)
         self.forward_s += time.perf_counter() - t0
         self.n_forwards += 1

@@ -50,10 +50,20 @@ def _forced_table(layout: ImageLayout, device: torch.device) -> torch.Tensor:
     return layout.forced_ids(torch.arange(layout.n_tokens, device=device))
 
 
+@functools.lru_cache(maxsize=16)
+def _forced_list(layout: ImageLayout) -> tuple[int, ...]:
+    return tuple(layout.forced_ids(torch.arange(layout.n_tokens)).tolist())
+
+
+@functools.lru_cache(maxsize=16)
+def _not_code(layout: ImageLayout, vocab_size: int, device: torch.device) -> torch.Tensor:
+    return ~layout.code_mask(vocab_size, device=device)  # [V] True on ids that are not image codes
+
+
 def forced_ids(layout: ImageLayout, positions: torch.Tensor) -> torch.Tensor:
     """``layout.forced_ids(positions)`` from a table built once per layout and device (decoders call it
     every forward). positions: LongTensor [L] on any device; the result lives on the same device."""
-    if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= layout.n_tokens):
+    if positions.numel() and not bool(((positions >= 0) & (positions < layout.n_tokens)).all()):
         raise IndexError(f"position outside the image sequence [0, {layout.n_tokens})")
     return _forced_table(layout, positions.device)[positions]
 
@@ -77,7 +87,7 @@ def constrain(logits: torch.Tensor, forced: torch.Tensor, layout: ImageLayout) -
 
     Forced rows are left as they are: :func:`final_probs` replaces them by one-hot rows at the end.
     """
-    not_code = ~layout.code_mask(logits.shape[-1], device=logits.device)  # [V]
+    not_code = _not_code(layout, logits.shape[-1], logits.device)  # [V]
     free = (forced == FREE)[:, None]  # [L, 1]
     return logits.masked_fill(free & not_code[None, :], -math.inf)
 
@@ -117,16 +127,28 @@ def final_probs(
     positions = torch.as_tensor(positions, dtype=torch.long).reshape(-1)
     if positions.numel() != logits.shape[1]:
         raise ValueError(f"{positions.numel()} positions for {logits.shape[1]} logit rows")
-    forced_src = forced_ids(layout, positions)  # [L] on the positions' device (normally the CPU: no sync)
-    any_forced = bool((forced_src != FREE).any())
-    forced = forced_src.to(logits.device)
+    pos = positions.tolist()  # decoders pass CPU positions: no device sync
+    if pos and (min(pos) < 0 or max(pos) >= layout.n_tokens):
+        raise IndexError(f"position outside the image sequence [0, {layout.n_tokens})")
+    table = _forced_list(layout)
+    forced_py = [table[j] for j in pos]
+    n_forced = sum(f != FREE for f in forced_py)
+    if n_forced == len(forced_py):  # every row forced: one-hot rows, nothing else to compute
+        forced = torch.tensor(forced_py, dtype=torch.long, device=logits.device)
+        return torch.zeros(logits.shape[1], logits.shape[2], dtype=torch.float32, device=logits.device).scatter_(
+            -1, forced[:, None], 1.0)
+    forced = torch.tensor(forced_py, dtype=torch.long, device=logits.device) if n_forced else None
     x = guide(logits, sampling.cfg_scale)  # [L, V] float32 (a new tensor)
-    x = constrain(x, forced, layout)
-    x = x / sampling.temperature
+    if n_forced:
+        x = constrain(x, forced, layout)
+    else:  # every row free: one [V] mask for all (the same values as constrain's per-row mask)
+        x = x.masked_fill(_not_code(layout, x.shape[-1], x.device), -math.inf)
+    if sampling.temperature != 1.0:
+        x = x / sampling.temperature
     x = top_k_filter(x, sampling.top_k)
     x = top_p_filter(x, sampling.top_p)
     probs = torch.softmax(x, dim=-1)
-    if any_forced:
+    if n_forced:
         is_forced = forced != FREE
         one_hot = torch.zeros_like(probs)
         one_hot.scatter_(-1, forced.clamp_min(0)[:, None], 1.0)
@@ -141,4 +163,7 @@ def sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """
     if probs.shape[0] == 0:
         return torch.zeros(0, dtype=torch.long, device=probs.device)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # torch.multinomial(probs, 1) draws exactly this (ATen's one-sample path: argmax of p / Exp(1) noise,
+    # the same draws from the generator) minus its per-call input checks; tests/test_sampling.py pins it.
+    noise = torch.empty_like(probs).exponential_(1, generator=generator)
+    return torch.argmax(probs / noise, dim=-1)

@@ -49,14 +49,14 @@ def accept(
                          f"q {tuple(q.shape)}, {n} drafts")
     if n == 0:
         return 0, None
-    rows = torch.arange(n, device=p.device)
-    p_d, q_d = p[rows, drafts], q[rows, drafts]  # [L]
+    p_d = p.gather(1, drafts[:, None]).squeeze(1)  # [L]
+    q_d = q.gather(1, drafts[:, None]).squeeze(1)
     # q_d == 0 cannot happen for a draft drawn from q; should a caller pass one, accept iff p_d > 0.
-    ratio = torch.where(q_d > 0, p_d / q_d.clamp_min(1e-30), torch.where(p_d > 0, 1.0, 0.0))
+    ratio = torch.where(q_d > 0, p_d / q_d.clamp_min(1e-30), (p_d > 0).float())
     r = torch.rand(n, generator=generator, device=generator.device).to(p.device)  # one uniform per position
-    rejected = (r >= ratio.clamp(max=1.0)).nonzero()
-    if rejected.numel() == 0:
+    rejected = (r >= ratio.clamp(max=1.0)).tolist()
+    if True not in rejected:
         return n, None
-    i = int(rejected[0, 0])
+    i = rejected.index(True)
     token = sample(residual(p[i], q[i])[None], generator)
     return i, int(token[0])

@@ -208,18 +208,19 @@ class HFAdapter:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return self.lm_head.weight.device  # (not next(model.parameters()): decoders ask every forward)
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        return self.lm_head.weight.dtype
 
     @property
     def vocab_size(self) -> int:
         return int(self.lm_head.weight.shape[0])
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.backbone.get_input_embeddings()(ids.to(self.device))
+        table = self.backbone.get_input_embeddings()
+        return table(ids.to(table.weight.device))
 
     @torch.no_grad()
     def forward(

@@ -28,6 +28,7 @@ the training ``levels``) and adds the embedding of that level's reserved vocabul
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -105,9 +106,14 @@ class NoiseConfig:
 def levels_t(cfg: NoiseConfig, levels: int | None = None) -> torch.Tensor:
     """t per level, float64 [K+1]: index 0 = clean (t = 0), index K = t_max; strictly increasing.
 
-    ``levels`` overrides ``cfg.levels`` (used for the reserved-token signal grid).
+    ``levels`` overrides ``cfg.levels`` (used for the reserved-token signal grid). Computed once per
+    (cfg, levels): the decoder asks every forward; each call gets its own copy.
     """
-    k = cfg.levels if levels is None else levels
+    return _levels_t(cfg, cfg.levels if levels is None else levels).clone()
+
+
+@functools.lru_cache(maxsize=64)
+def _levels_t(cfg: NoiseConfig, k: int) -> torch.Tensor:
     if k == 1:
         noisy = torch.tensor([cfg.t_max], dtype=torch.float64)
     elif cfg.spacing == "uniform":
@@ -319,6 +325,11 @@ def noise_latent(x0: torch.Tensor, level: torch.Tensor | int, eps: torch.Tensor,
     return _coef(alpha, level, x0) * x0 + _coef(sigma, level, x0) * eps
 
 
+@functools.lru_cache(maxsize=64)
+def _levels_t_float(cfg: NoiseConfig, device: torch.device) -> torch.Tensor:
+    return levels_t(cfg).float().to(device)
+
+
 def model_input(
     clean_emb: torch.Tensor, z: torch.Tensor, level: torch.Tensor, norm: EmbeddingNorm, cfg: NoiseConfig,
     signal: Callable[[torch.Tensor], torch.Tensor],
@@ -329,7 +340,7 @@ def model_input(
     level [..] long. Returns [.., D] in ``clean_emb``'s dtype.
     """
     level = torch.as_tensor(level, dtype=torch.long, device=clean_emb.device)
-    t = levels_t(cfg).float().to(clean_emb.device)[level]  # [..]
+    t = _levels_t_float(cfg, clean_emb.device)[level]  # [..]
     noisy = norm.denormalize(z) + signal(t).to(clean_emb.device)  # [.., D] float32
     return torch.where((level == 0).unsqueeze(-1), clean_emb, noisy.to(clean_emb.dtype))
 
@@ -348,6 +359,18 @@ def noisy_embedding(
     return model_input(clean_emb, z, level, norm, cfg, signal)
 
 
+@functools.lru_cache(maxsize=64)
+def _step_coefficients(cfg: NoiseConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c_z, c_x) per level k (float64 math, stored float32 on ``device``; index 0 unused) of
+    :func:`denoise_step`: z_{k-1} = c_z[k] z_k + c_x[k] x0. Built once per (cfg, device)."""
+    alpha, sigma = alpha_sigma(levels_t(cfg), cfg)  # float64 [K+1]
+    k = torch.arange(1, cfg.levels + 1)
+    ratio = sigma[k - 1] / sigma[k]  # sigma_k > 0 for k >= 1 (t_min > 0)
+    c_z = torch.cat([torch.zeros(1, dtype=torch.float64), ratio])
+    c_x = torch.cat([torch.zeros(1, dtype=torch.float64), alpha[k - 1] - alpha[k] * ratio])
+    return c_z.to(device=device, dtype=torch.float32), c_x.to(device=device, dtype=torch.float32)
+
+
 def denoise_step(z_k: torch.Tensor, x0: torch.Tensor, k: torch.Tensor | int, cfg: NoiseConfig) -> torch.Tensor:
     """One step from level k to k-1 toward the clean estimate ``x0`` (DESIGN 5.1), normalised space.
 
@@ -356,10 +379,7 @@ def denoise_step(z_k: torch.Tensor, x0: torch.Tensor, k: torch.Tensor | int, cfg
     k = torch.as_tensor(k, dtype=torch.long).cpu()  # indexes the (CPU) schedule tables
     if bool((k < 1).any()):
         raise ValueError("denoise_step needs k >= 1 (level 0 is already clean)")
-    alpha, sigma = alpha_sigma(levels_t(cfg), cfg)  # float64 [K+1]
-    ratio = sigma[k - 1] / sigma[k]  # sigma_k > 0 for k >= 1 (t_min > 0)
-    c_z, c_x = ratio, alpha[k - 1] - alpha[k] * ratio  # float64, shape of k
     z_k, x0 = z_k.float(), x0.float()
-    c_z = c_z.to(device=z_k.device, dtype=z_k.dtype).unsqueeze(-1)
-    c_x = c_x.to(device=x0.device, dtype=x0.dtype).unsqueeze(-1)
+    c_z_table, c_x_table = _step_coefficients(cfg, z_k.device)
+    c_z, c_x = c_z_table[k.to(z_k.device)].unsqueeze(-1), c_x_table[k.to(z_k.device)].unsqueeze(-1)
     return c_z * z_k + c_x * x0

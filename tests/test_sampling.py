@@ -162,3 +162,17 @@ def test_sample_is_reproducible_with_the_generator():
     a = sample(probs, torch.Generator().manual_seed(9))
     b = sample(probs, torch.Generator().manual_seed(9))
     assert torch.equal(a, b)
+
+
+def test_sample_draws_what_torch_multinomial_draws():
+    """sample() is torch.multinomial's one-sample path without its per-call checks (and their device
+    sync): the same tokens from the same generator state, so batch-1 outputs stay what they were."""
+    from decode.sampling import sample
+
+    probs = torch.softmax(torch.randn(17, 320, generator=torch.Generator().manual_seed(0)) * 3, dim=-1)
+    probs[3] = 0.0
+    probs[3, 7] = 1.0  # a one-hot (forced) row
+    ours, ref = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    for _ in range(50):
+        assert torch.equal(sample(probs, ours), torch.multinomial(probs, 1, generator=ref).squeeze(-1))
+    assert torch.equal(torch.rand(3, generator=ours), torch.rand(3, generator=ref))  # same draws consumed
