@@ -1,5 +1,8 @@
 """``make bench``: AR vs SJD (vs SJD2) on the trained tiny models, same prompts and seeds, one process.
 
+Two tables: batch-1 speed (below) and throughput, images/s of AR, SJD and SJD2 at batch sizes 1, 4, 16
+with the speed-up over AR at the same batch size and over AR at batch 1.
+
 Per row: step compression (mean of per-image ratios), latency mean / median, latency speed-up over AR
 on the same model, and the share of the decode time spent outside the model forward (sampling,
 acceptance tests, cache bookkeeping: the loop overhead that speculative decoding adds). The forward
@@ -84,13 +87,76 @@ def bench_row(adapter: Any, model: str, decoder: str, prompts: Sequence[Any], se
             "metrics": metrics, "records": records}
 
 
+def throughput_row(adapter: Any, model: str, decoder: str, prompts: Sequence[Any], seed: int, batch_size: int,
+                   overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Images per second of token generation for ``prompts`` at ``batch_size`` (1: one image at a time, as
+    the decode stage does; > 1: :func:`decode.api.generate_batch` with refill). Warm-up excluded."""
+    from decode.api import generate, generate_batch
+    from decode.sampling import SamplingConfig
+
+    cfg = compose_config([f"model={model}", f"decoder={decoder}", f"seed={seed}", *overrides])
+    decoder_cfg, sampling = dict(cfg.decoder), SamplingConfig(**cfg.sampling)
+    device = torch.device(adapter.device)
+    items = [(p.idx, p.prompt, image_seed(seed, p.idx)) for p in prompts]
+
+    def decode(todo: Sequence[tuple[int, str, int]]) -> list[Any]:
+        if batch_size == 1:
+            return [generate(adapter, text, decoder_cfg, sampling, torch.Generator(device=device).manual_seed(s))
+                    for _, text, s in todo]
+        return [f.result for f in generate_batch(adapter, todo, decoder_cfg, sampling, batch_size)]
+
+    decode([(-1, prompts[0].prompt, image_seed(seed, -1))] * min(batch_size, len(prompts)))  # warm-up
+    sync_device(device)
+    t0 = time.perf_counter()
+    results = decode(items)
+    sync_device(device)
+    seconds = time.perf_counter() - t0
+    return {"model": model, "decoder": decoder, "batch_size": batch_size, "n_images": len(results),
+            "seconds": seconds, "images_per_s": len(results) / seconds,
+            "step_compression": statistics.fmean(r.n_tokens / r.n_forwards for r in results)}
+
+
+def throughput_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: images/s per (decoder, B), speed-up over AR at the same B and over AR at batch 1 (the AR
+    row of the first model: tiny and tiny_sjd2 share one architecture)."""
+    ar = {r["batch_size"]: r["images_per_s"] for r in rows if r["decoder"] == "ar"}
+    lines = ["| model | decoder | batch | images/s | vs AR same batch | vs AR batch 1 | step compression |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        same = r["images_per_s"] / ar[r["batch_size"]] if r["batch_size"] in ar else float("nan")
+        one = r["images_per_s"] / ar[1] if 1 in ar else float("nan")
+        lines.append(f"| {r['model']} | {r['decoder']} | {r['batch_size']} | {r['images_per_s']:.3f} | {same:.2f}x | "
+                     f"{one:.2f}x | {r['step_compression']:.2f} |")
+    return "\n".join(lines)
+
+
+THROUGHPUT_ROWS = (("tiny", "ar"), ("tiny", "sjd"), ("tiny_sjd2", "sjd2_tiny"))
+
+
+def run_throughput(adapters: dict[str, Any], n_prompts: int = 32, seed: int = 0,
+                   batch_sizes: Sequence[int] = (1, 4, 16), overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Every (decoder, batch size) of :data:`THROUGHPUT_ROWS` whose model loaded, on the same prompts."""
+    from data.prompts import load_prompts
+
+    prompts = load_prompts({"kind": "shapes", "name": "shapes", "limit": n_prompts})
+    out = []
+    for model, decoder in THROUGHPUT_ROWS:
+        if model not in adapters:
+            continue
+        for b in batch_sizes:
+            out.append(throughput_row(adapters[model], model, decoder, prompts, seed, b, overrides))
+            print(f"[bench] {model} {decoder} batch {b}: {out[-1]['images_per_s']:.3f} images/s", flush=True)
+    return out
+
+
 COLUMNS = ("model", "decoder", "step_compression", "n_forwards_mean", "latency_mean_s", "latency_median_s",
            "latency_speedup", "outside_forward_share", "forward_ms_mean")
 
 
 def run_bench(n_prompts: int = 24, seed: int = 0, rows: Sequence[tuple[str, str]] = TABLE1_ROWS,
               overrides: Sequence[str] = (), adapters: dict[str, Any] | None = None,
-              out_dir: Path = RESULTS_DIR) -> tuple[list[dict[str, Any]], Path]:
+              out_dir: Path = RESULTS_DIR, batch_sizes: Sequence[int] = (1, 4, 16),
+              n_throughput: int = 32) -> tuple[list[dict[str, Any]], Path]:
     """Bench every row whose model loads; print the table; save the JSON. Returns (rows, json path)."""
     from data.prompts import load_prompts
     from eval.tables import build_table, select_columns, to_markdown
@@ -100,13 +166,17 @@ def run_bench(n_prompts: int = 24, seed: int = 0, rows: Sequence[tuple[str, str]
     results = [bench_row(adapters[m], m, d, prompts, seed, overrides) for m, d in rows if m in adapters]
     header, table = select_columns(*build_table(results), COLUMNS)
     print(to_markdown(header, table))
+    throughput = run_throughput(adapters, n_throughput, seed, batch_sizes, overrides) if batch_sizes else []
+    if throughput:
+        print(f"\nThroughput ({n_throughput} prompts, token generation only):\n" + throughput_table(throughput))
     device = next(iter(adapters.values())).device if adapters else None
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"decoders-{time.strftime('%Y%m%d-%H%M%S')}.json"
     payload = {"n_prompts": n_prompts, "seed": seed, "overrides": list(overrides), "env": environment(device),
                "protocol": "batch 1, warm-up decode per row excluded, synchronised perf_counter; "
                            "outside_forward_share = mean over images of 1 - forward time / decode time",
-               "table": {"header": header, "rows": table}, "rows": results}
+               "table": {"header": header, "rows": table}, "rows": results,
+               "throughput": throughput, "throughput_table": throughput_table(throughput) if throughput else None}
     path.write_text(json.dumps(payload, indent=1))
     print(f"[bench] wrote {path}")
     return results, path
@@ -116,9 +186,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n-prompts", type=int, default=24)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 4, 16],
+                        help="throughput table batch sizes (none: skip the table)")
+    parser.add_argument("--n-throughput", type=int, default=32, help="prompts per throughput row")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every row, e.g. model.device=cuda")
     args = parser.parse_args(argv)
-    run_bench(args.n_prompts, args.seed, overrides=args.overrides)
+    run_bench(args.n_prompts, args.seed, overrides=args.overrides, batch_sizes=args.batch_sizes,
+              n_throughput=args.n_throughput)
 
 
 if __name__ == "__main__":

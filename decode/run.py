@@ -215,6 +215,9 @@ def decode_run(cfg: DictConfig | Mapping[str, Any], *, adapter: Any = None,
     per_prompt = int(conf["prompts"].get("images_per_prompt", 1))
     sampling = SamplingConfig(**conf["sampling"])
     schema.check_decoder(conf["decoder"])
+    batch_size = conf.get("batch_size", 1)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"batch_size must be an integer >= 1 (prompts decoded together), got {batch_size!r}")
     if generate_fn is None:
         from decode.api import generate as generate_fn
     shard_cfg = conf.get("shard") or {}

@@ -246,8 +246,14 @@ def test_demo_and_bench_run_every_row_through_the_stages(tmp_path):
     assert [s["decoder"] for s in scores] == ["ar", "sjd"] and grid.read_bytes()[:4] == b"\x89PNG"
     assert all(s["n_images"] == 3 for s in scores)
 
-    _, path = run_bench(3, 0, rows=rows, adapters={"tiny": micro}, out_dir=tmp_path / "bench")
+    _, path = run_bench(3, 0, rows=rows, adapters={"tiny": micro}, out_dir=tmp_path / "bench", batch_sizes=(1, 2),
+                        n_throughput=3)
     payload = json.loads(path.read_text())
+    tp = {(r["decoder"], r["batch_size"]): r for r in payload["throughput"]}
+    assert set(tp) == {("ar", 1), ("ar", 2), ("sjd", 1), ("sjd", 2)}  # tiny_sjd2 not loaded: its row left out
+    assert tp["sjd", 1]["step_compression"] == tp["sjd", 2]["step_compression"]  # batching is exact per row
+    assert all(r["images_per_s"] > 0 and r["n_images"] == 3 for r in tp.values())
+    assert "| tiny | ar | 2 |" in payload["throughput_table"] and "1.00x" in payload["throughput_table"]
     saved, table = payload["rows"], payload["table"]
     assert [r["decoder"] for r in saved] == ["ar", "sjd"]
     speedup = [row[table["header"].index("latency_speedup")] for row in table["rows"]]
