@@ -121,6 +121,8 @@ class Sjd2Stats:
     n_noisy_accepted: int = 0  # accepted slots whose input was noisy (impossible with clean-only)
     level_sum_at_accept: float = 0.0
     n_refed_tokens: int = 0  # committed tokens fed again because their KV was not clean
+    n_inputs: int = 0  # inputs of every forward after the prefill (re-fed tokens + newest committed + slots)
+    n_step_forwards: int = 0  # forwards after the prefill
     accepted_by_slot: list[int] = field(default_factory=list)  # accepts per slot index (0 = front)
     present_by_slot: list[int] = field(default_factory=list)  # forwards in which slot index i existed
     accepted_by_level: list[int] = field(default_factory=list)  # accepts per input level of the slot
@@ -143,6 +145,7 @@ class Sjd2Stats:
     def as_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in vars(self).items() if k != "level_sum_at_accept"}
         out["mean_level_at_accept"] = self.level_sum_at_accept / max(self.n_drafts_accepted, 1)
+        out["mean_inputs_per_forward"] = self.n_inputs / max(self.n_step_forwards, 1)
         return out
 
 
@@ -329,6 +332,8 @@ def sjd2_steps(
         n_acc, committed, fresh = verify(p, slots.q, slots.drafts, generator, n_testable=n_tested)
         stats.record(slots.levels, n_tested, n_acc, K)
         stats.n_refed_tokens += u - 1
+        stats.n_inputs += u + k
+        stats.n_step_forwards += 1
 
         # 3. keep the KV of the clean committed inputs (a prefix), roll back the rest
         clean_acc = (slots.levels[:n_acc] != 0).nonzero()

@@ -68,6 +68,10 @@ def check_bookkeeping(res, layout):
     assert sum(x["accepted_by_slot"]) == sum(x["accepted_by_level"]) == x["n_drafts_accepted"]
     assert x["n_drafts_accepted"] == sum(res.accepted_per_forward) - res.n_forwards  # one non-draft per forward
     assert x["n_drafts_accepted"] <= x["n_drafts_tested"]
+    # every forward after the prefill fed the re-fed tokens, the newest committed token and its slots
+    n_steps = res.n_forwards - 1
+    assert x["mean_inputs_per_forward"] * n_steps == pytest.approx(x["n_refed_tokens"] + n_steps
+                                                                   + sum(x["present_by_slot"]))
     assert all(a <= n for a, n in zip(x["accepted_by_slot"], x["present_by_slot"]))
 
 
