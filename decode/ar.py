@@ -25,7 +25,7 @@ def ar_steps(adapter: ModelAdapter, prefill: Prefill, sampling: SamplingConfig, 
     n_forwards, n_streams = 1, logits.shape[0]
     tokens: list[torch.Tensor] = []
     for j in range(n_tokens):
-        p = final_probs(logits, torch.tensor([j]), layout, sampling)  # [1, V]
+        p = final_probs(logits, range(j, j + 1), layout, sampling)  # [1, V]
         token = sample(p, generator)  # [1]
         tokens.append(token)
         if j == n_tokens - 1:

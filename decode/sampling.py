@@ -119,40 +119,36 @@ def final_probs(
     """Model logits -> the float32 distribution each row's token is drawn from (p and q alike).
 
     logits: [B, L, V] (B = 2 with CFG: row 0 conditional, row 1 unconditional; B = 1 without).
-    positions: LongTensor [L], generated-token index of the token each row predicts.
+    positions: LongTensor [L] (or a ``range``), generated-token index of the token each row predicts.
     Returns [L, V] float32 rows summing to 1; forced rows are exactly one-hot. Does not modify ``logits``.
     """
     if logits.dim() != 3:
         raise ValueError(f"final_probs expects logits [B, L, V], got shape {tuple(logits.shape)}")
-    positions = torch.as_tensor(positions, dtype=torch.long).reshape(-1)
-    if positions.numel() != logits.shape[1]:
-        raise ValueError(f"{positions.numel()} positions for {logits.shape[1]} logit rows")
-    pos = positions.tolist()  # decoders pass CPU positions: no device sync
+    pos = list(positions) if isinstance(positions, range) else torch.as_tensor(positions).reshape(-1).tolist()
+    if len(pos) != logits.shape[1]:
+        raise ValueError(f"{len(pos)} positions for {logits.shape[1]} logit rows")
     if pos and (min(pos) < 0 or max(pos) >= layout.n_tokens):
         raise IndexError(f"position outside the image sequence [0, {layout.n_tokens})")
     table = _forced_list(layout)
-    forced_py = [table[j] for j in pos]
-    n_forced = sum(f != FREE for f in forced_py)
-    if n_forced == len(forced_py):  # every row forced: one-hot rows, nothing else to compute
-        forced = torch.tensor(forced_py, dtype=torch.long, device=logits.device)
+    forced_rows = [(i, table[j]) for i, j in enumerate(pos) if table[j] != FREE]
+    if len(forced_rows) == len(pos):  # every row forced: one-hot rows, nothing else to compute
+        forced = torch.tensor([f for _, f in forced_rows], dtype=torch.long, device=logits.device)
         return torch.zeros(logits.shape[1], logits.shape[2], dtype=torch.float32, device=logits.device).scatter_(
             -1, forced[:, None], 1.0)
-    forced = torch.tensor(forced_py, dtype=torch.long, device=logits.device) if n_forced else None
+    # Every step below works row by row, so forced rows may go through the free rows' path: they are
+    # replaced by their one-hot rows at the end.
     x = guide(logits, sampling.cfg_scale)  # [L, V] float32 (a new tensor)
-    if n_forced:
-        x = constrain(x, forced, layout)
-    else:  # every row free: one [V] mask for all (the same values as constrain's per-row mask)
-        x = x.masked_fill(_not_code(layout, x.shape[-1], x.device), -math.inf)
+    x = x.masked_fill(_not_code(layout, x.shape[-1], x.device), -math.inf)  # == constrain() on free rows
     if sampling.temperature != 1.0:
         x = x / sampling.temperature
     x = top_k_filter(x, sampling.top_k)
     x = top_p_filter(x, sampling.top_p)
     probs = torch.softmax(x, dim=-1)
-    if n_forced:
-        is_forced = forced != FREE
-        one_hot = torch.zeros_like(probs)
-        one_hot.scatter_(-1, forced.clamp_min(0)[:, None], 1.0)
-        probs = torch.where(is_forced[:, None], one_hot, probs)
+    if forced_rows:
+        rows = torch.tensor([i for i, _ in forced_rows], dtype=torch.long, device=probs.device)
+        ids = torch.tensor([f for _, f in forced_rows], dtype=torch.long, device=probs.device)
+        probs[rows] = 0.0
+        probs[rows, ids] = 1.0
     return probs
 
 

@@ -115,7 +115,7 @@ def sjd_steps(
             drafts, q = torch.cat([drafts, fresh_slots]), torch.cat([q, one_hot(fresh_slots, vocab_size)])
         inputs = torch.cat([seq[n_committed - 1 : n_committed], drafts])  # [k + 1]: x_last, d_1..d_k
         logits = yield Forward(adapter.embed(inputs.expand(n_streams, -1)), drop=n_reject)
-        positions = torch.arange(n_committed, n_committed + k + 1)
+        positions = range(n_committed, n_committed + k + 1)
         p = final_probs(logits, positions, layout, sampling)  # [k + 1, V]
 
         n_acc, committed, fresh = verify(p, q, drafts, generator)

@@ -323,7 +323,7 @@ def sjd2_steps(
         u = int(refed.numel())
         inputs = torch.cat([adapter.embed(refed[None])[0], win.inputs(slots)])  # [u + k, D]
         logits = yield Forward(inputs[None].expand(n_streams, -1, -1), drop=drop)
-        p = final_probs(logits[:, u - 1 :], torch.arange(n_committed, n_committed + k + 1), layout, sampling)
+        p = final_probs(logits[:, u - 1 :], range(n_committed, n_committed + k + 1), layout, sampling)
 
         # 2. verify the eligible prefix, commit
         eligible = slots.has_draft & (slots.levels == 0) if accept_only_clean_inputs else slots.has_draft
