@@ -45,7 +45,7 @@ test-full: install ## every test, slow ones included
 lint: install ## ruff over the code
 	$(PIP) install -q ruff && $(VENV)/bin/ruff check .
 
-bench: install ## AR vs SJD vs SJD2 side by side on tiny: step compression, latency ratio, loop overhead
+bench: install ## AR vs SJD vs SJD2 side by side on tiny: step compression, latency ratio, loop overhead; throughput at B=1,4,16
 	$(PY) -m bench.decoders
 
 tiny-model: install ## rebuild models/weights/tiny: shapes VQ + three training phases (about 70 min on 2 CPU cores)
