@@ -58,20 +58,32 @@ def _attend(request: Forward, device: torch.device) -> torch.Tensor:
 
 
 def run_one(adapter: Any, steps: Steps) -> DecodeResult:
-    """Drive one decoder coroutine with its own cache (batch 1): drops are rollbacks."""
-    cache, mask = None, None
+    """Drive one decoder coroutine with its own cache (batch 1): drops are rollbacks. The attention mask
+    is a view of one buffer (ones beyond what a request's mask wrote), not rebuilt every forward."""
+    cache, buffer, width, ones_from = None, None, 0, 0  # columns >= ones_from of the buffer hold 1
     request = next(steps)
     while True:
         if request.drop:
             cache = adapter.rollback(cache, request.drop)
-            mask = mask[:, : mask.shape[1] - request.drop]
-        new = _attend(request, adapter.device)
-        mask = new if mask is None else torch.cat([mask, new], dim=1)
-        logits, cache = adapter.forward(request.embeds, cache, mask)
+            width -= request.drop
+        stop = width + request.length
+        if buffer is None or stop > buffer.shape[1]:
+            grown = torch.ones(request.embeds.shape[0], max(2 * stop, 64), dtype=torch.long, device=adapter.device)
+            if buffer is not None:
+                grown[:, :width] = buffer[:, :width]
+            buffer, ones_from = grown, width
+        if request.mask is not None:
+            buffer[:, width:stop] = request.mask.to(buffer.device)
+            ones_from = max(ones_from, stop)
+        elif ones_from > width:
+            buffer[:, width:ones_from] = 1
+            ones_from = width
+        width = stop
+        logits, cache = adapter.forward(request.embeds, cache, buffer[:, :width])
         try:
             request = steps.send(logits)
-        except StopIteration as stop:
-            return stop.value
+        except StopIteration as stop_iteration:
+            return stop_iteration.value
 
 
 @dataclass

@@ -12,6 +12,7 @@ the same way, in this order and in float32:
 """
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 from dataclasses import dataclass
@@ -53,6 +54,19 @@ def _forced_table(layout: ImageLayout, device: torch.device) -> torch.Tensor:
 @functools.lru_cache(maxsize=16)
 def _forced_list(layout: ImageLayout) -> tuple[int, ...]:
     return tuple(layout.forced_ids(torch.arange(layout.n_tokens)).tolist())
+
+
+def forced_list(layout: ImageLayout) -> tuple[int, ...]:
+    """The forced id (or ``FREE``) of every position, on the host, built once per layout."""
+    return _forced_list(layout)
+
+
+@functools.lru_cache(maxsize=16)
+def forced_table(layout: ImageLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(forced id or ``FREE`` [n_tokens], is forced [n_tokens] bool) on ``device``, built once per layout
+    and device (shared: never write into them)."""
+    forced = _forced_table(layout, device)
+    return forced, forced != FREE
 
 
 @functools.lru_cache(maxsize=16)
@@ -124,32 +138,66 @@ def final_probs(
     """
     if logits.dim() != 3:
         raise ValueError(f"final_probs expects logits [B, L, V], got shape {tuple(logits.shape)}")
-    pos = list(positions) if isinstance(positions, range) else torch.as_tensor(positions).reshape(-1).tolist()
-    if len(pos) != logits.shape[1]:
-        raise ValueError(f"{len(pos)} positions for {logits.shape[1]} logit rows")
-    if pos and (min(pos) < 0 or max(pos) >= layout.n_tokens):
-        raise IndexError(f"position outside the image sequence [0, {layout.n_tokens})")
-    table = _forced_list(layout)
-    forced_rows = [(i, table[j]) for i, j in enumerate(pos) if table[j] != FREE]
-    if len(forced_rows) == len(pos):  # every row forced: one-hot rows, nothing else to compute
-        forced = torch.tensor([f for _, f in forced_rows], dtype=torch.long, device=logits.device)
-        return torch.zeros(logits.shape[1], logits.shape[2], dtype=torch.float32, device=logits.device).scatter_(
-            -1, forced[:, None], 1.0)
+    n_rows, vocab_size = logits.shape[1], logits.shape[2]
+    rows, ids = _forced_rows(positions, n_rows, layout, logits.device)
+    if ids.numel() == n_rows:  # every row forced: one-hot rows, nothing else to compute
+        return torch.zeros(n_rows, vocab_size, dtype=torch.float32, device=logits.device).scatter_(-1, ids[:, None], 1.0)
     # Every step below works row by row, so forced rows may go through the free rows' path: they are
-    # replaced by their one-hot rows at the end.
-    x = guide(logits, sampling.cfg_scale)  # [L, V] float32 (a new tensor)
-    x = x.masked_fill(_not_code(layout, x.shape[-1], x.device), -math.inf)  # == constrain() on free rows
+    # replaced by their one-hot rows at the end. Guidance is elementwise, so it is computed on the code
+    # columns only, the other columns are -inf (== guide() then constrain() on free rows).
+    if logits.shape[0] not in (1, 2):
+        guide(logits, sampling.cfg_scale)  # raises with the fix
+    codes = slice(layout.code_start, layout.code_stop)
+    x = torch.full((n_rows, vocab_size), -math.inf, dtype=torch.float32, device=logits.device)
+    code_logits = logits[:, :, codes]
+    if code_logits.dtype != torch.float32:
+        code_logits = code_logits.float()
+    if logits.shape[0] == 1:
+        x[:, codes] = code_logits[0]
+    else:
+        cond, uncond = code_logits[0], code_logits[1]
+        torch.add(uncond, sampling.cfg_scale * (cond - uncond), out=x[:, codes])
     if sampling.temperature != 1.0:
         x = x / sampling.temperature
     x = top_k_filter(x, sampling.top_k)
     x = top_p_filter(x, sampling.top_p)
     probs = torch.softmax(x, dim=-1)
-    if forced_rows:
-        rows = torch.tensor([i for i, _ in forced_rows], dtype=torch.long, device=probs.device)
-        ids = torch.tensor([f for _, f in forced_rows], dtype=torch.long, device=probs.device)
+    if ids.numel():
         probs[rows] = 0.0
         probs[rows, ids] = 1.0
     return probs
+
+
+@functools.lru_cache(maxsize=16)
+def _forced_positions(layout: ImageLayout, device: torch.device) -> tuple[tuple[int, ...], torch.Tensor, torch.Tensor]:
+    """(the forced positions, the same [n_forced] and their ids [n_forced] on ``device``), built once."""
+    table = _forced_list(layout)
+    pos = tuple(j for j, f in enumerate(table) if f != FREE)
+    return pos, torch.tensor(pos, dtype=torch.long, device=device), torch.tensor(
+        [table[j] for j in pos], dtype=torch.long, device=device)
+
+
+def _forced_rows(positions: torch.Tensor | range, n_rows: int, layout: ImageLayout,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows [F], forced ids [F]) of the forced positions among ``positions``; refuses bad positions."""
+    if isinstance(positions, range) and positions.step == 1:  # a window: look the forced rows up
+        start, stop = positions.start, max(positions.start, positions.stop)
+        if stop - start != n_rows:
+            raise ValueError(f"{stop - start} positions for {n_rows} logit rows")
+        if stop > start and (start < 0 or stop > layout.n_tokens):
+            raise IndexError(f"position outside the image sequence [0, {layout.n_tokens})")
+        forced, forced_t, ids_t = _forced_positions(layout, device)
+        lo, hi = bisect.bisect_left(forced, start), bisect.bisect_left(forced, stop)
+        return forced_t[lo:hi] - start, ids_t[lo:hi]
+    pos = list(positions) if isinstance(positions, range) else torch.as_tensor(positions).reshape(-1).tolist()
+    if len(pos) != n_rows:
+        raise ValueError(f"{len(pos)} positions for {n_rows} logit rows")
+    if pos and (min(pos) < 0 or max(pos) >= layout.n_tokens):
+        raise IndexError(f"position outside the image sequence [0, {layout.n_tokens})")
+    table = _forced_list(layout)
+    forced_rows = [(i, table[j]) for i, j in enumerate(pos) if table[j] != FREE]
+    return (torch.tensor([i for i, _ in forced_rows], dtype=torch.long, device=device),
+            torch.tensor([f for _, f in forced_rows], dtype=torch.long, device=device))
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -24,7 +24,7 @@ RESIDUAL_EPS = 1e-6
 
 
 def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """``normalize(max(0, p - q))`` for one row [V]; falls back to p when the residual has no mass."""
+    """``normalize(max(0, p - q))`` for one row [V] (or [1, V]); falls back to p when the residual has no mass."""
     r = (p - q).clamp_min(0.0)
     mass = r.sum()
     if float(mass) <= RESIDUAL_EPS:
@@ -47,16 +47,28 @@ def accept(
     if p.shape != q.shape or p.shape[0] != n:
         raise ValueError(f"accept needs p, q of shape [L, V] and L drafts; got p {tuple(p.shape)}, "
                          f"q {tuple(q.shape)}, {n} drafts")
+    n_acc, token = accept_prefix(p, q, drafts, generator)
+    return n_acc, None if token is None else int(token[0])
+
+
+def accept_prefix(
+    p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, generator: torch.Generator
+) -> tuple[int, torch.Tensor | None]:
+    """:func:`accept` for decoders: the same test and draws without the shape checks, the residual sample
+    returned as a LongTensor [1] on p's device (no host round trip); p and q may hold more rows than the
+    L drafts (rows L.. are not read)."""
+    n = int(drafts.numel())
     if n == 0:
         return 0, None
-    p_d = p.gather(1, drafts[:, None]).squeeze(1)  # [L]
-    q_d = q.gather(1, drafts[:, None]).squeeze(1)
+    index = drafts[:, None]
+    p_d, q_d = p.gather(1, index), q.gather(1, index)  # [L, 1]
     # q_d == 0 cannot happen for a draft drawn from q; should a caller pass one, accept iff p_d > 0.
     ratio = torch.where(q_d > 0, p_d / q_d.clamp_min(1e-30), (p_d > 0).float())
-    r = torch.rand(n, generator=generator, device=generator.device).to(p.device)  # one uniform per position
-    rejected = (r >= ratio.clamp(max=1.0)).tolist()
+    r = torch.rand(n, generator=generator, device=generator.device)  # one uniform per position, in [0, 1)
+    if r.device != p.device:
+        r = r.to(p.device)
+    rejected = (r >= ratio[:, 0]).tolist()  # == r >= min(1, ratio): r < 1
     if True not in rejected:
         return n, None
     i = rejected.index(True)
-    token = sample(residual(p[i], q[i])[None], generator)
-    return i, int(token[0])
+    return i, sample(residual(p[i : i + 1], q[i : i + 1]), generator)

@@ -13,10 +13,14 @@ import torch
 
 from decode.batch import Forward
 from decode.sampling import SamplingConfig, final_probs, sample
-from decode.speculative import accept
+from decode.speculative import accept_prefix
 from models.base import ImageLayout, ModelAdapter, Prefill
 
 REGIONS = ("image", "all")
+
+# The one acceptance step of every window decoder: :func:`decode.speculative.accept` with the residual
+# sample kept on the device (a test swaps in a broken rule that returns an int token: also understood).
+accept = accept_prefix
 
 
 def check_generator(generator: torch.Generator, device: torch.device | str) -> None:
@@ -89,5 +93,8 @@ def verify(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, generator: to
     m = drafts.numel() if n_testable is None else n_testable
     fresh = sample(p, generator)  # [k + 1]
     n_acc, token = accept(p[:m], q[:m], drafts[:m], generator)
-    nxt = fresh[m : m + 1] if token is None else torch.tensor([token], device=fresh.device)
+    if token is None:
+        nxt = fresh[m : m + 1]
+    else:
+        nxt = token if isinstance(token, torch.Tensor) else torch.tensor([token], device=fresh.device)
     return n_acc, torch.cat([drafts[:n_acc], nxt]), fresh
