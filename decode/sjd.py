@@ -26,7 +26,7 @@ import torch
 
 from decode.batch import Forward, Steps, run_one
 from decode.result import DecodeResult
-from decode.sampling import SamplingConfig, final_probs, forced_ids
+from decode.sampling import SamplingConfig, final_probs, forced_list, forced_table
 from decode.window import (
     REGIONS,
     check_window,
@@ -71,16 +71,29 @@ def new_drafts(
     there is none). Every such draft has a one-hot q.
     """
     n = stop - start
-    forced = forced_ids(layout, torch.arange(start, stop)).tolist()
+    if n and (start < 0 or stop > layout.n_tokens):
+        raise IndexError(f"position outside the image sequence [0, {layout.n_tokens})")
+    forced, is_forced = forced_table(layout, seq.device)
     codes = torch.randint(layout.code_start, layout.code_stop, (n,), generator=generator,
-                          device=generator.device).to(seq.device)
-    for i, j in enumerate(range(start, stop)):
-        if forced[i] != FREE:
-            seq[j] = forced[i]
-            continue
-        left = spatial_neighbour(layout, j) if init == "spatial" else None
-        seq[j] = seq[left] if left is not None else codes[i]
-    return seq[start:stop].clone()
+                          device=generator.device)
+    if codes.device != seq.device:
+        codes = codes.to(seq.device)
+    drafts = torch.where(is_forced[start:stop], forced[start:stop], codes)  # the random init
+    if init == "spatial":  # a free slot copies its neighbour, which may itself be a new slot (copy its source)
+        source: dict[int, int] = {}
+        table = forced_list(layout)
+        for j in range(start, stop):
+            left = spatial_neighbour(layout, j) if table[j] == FREE else None
+            if left is not None:
+                source[j] = source.get(left, left)
+        old = [(j, s) for j, s in source.items() if s < start]  # copies of tokens already in seq
+        new = [(j, s) for j, s in source.items() if s >= start]  # copies of new slots without a neighbour
+        if old:
+            drafts[[j - start for j, _ in old]] = seq[[s for _, s in old]]
+        if new:
+            drafts[[j - start for j, _ in new]] = drafts[[s - start for _, s in new]]
+    seq[start:stop] = drafts
+    return drafts
 
 
 @torch.no_grad()
@@ -103,27 +116,29 @@ def sjd_steps(
     device = seq.device
     n_reject = 0  # inputs of the last forward that were not committed (dropped before the next one)
     n_committed, per_forward = 1, [1]
-    drafts = seq.new_zeros(0)  # drafts for positions n_committed, n_committed + 1, ...
+    n_drafts = 0  # drafts for positions n_committed, n_committed + 1, ... (held in seq)
     q = torch.zeros(0, vocab_size, dtype=torch.float32, device=device)  # [n_drafts, V]
     n_tested = n_accepted = 0
 
     while n_committed < n_tokens:
         k = n_window_drafts(n_committed, window, span, n_tokens)
-        drafts, q = drafts[:k], q[:k]
-        if drafts.numel() < k:  # new tail slots
-            fresh_slots = new_drafts(seq, n_committed + drafts.numel(), n_committed + k, layout, init, generator)
-            drafts, q = torch.cat([drafts, fresh_slots]), torch.cat([q, one_hot(fresh_slots, vocab_size)])
-        inputs = torch.cat([seq[n_committed - 1 : n_committed], drafts])  # [k + 1]: x_last, d_1..d_k
+        if n_drafts > k:
+            q, n_drafts = q[:k], k
+        if n_drafts < k:  # new tail slots
+            fresh_slots = new_drafts(seq, n_committed + n_drafts, n_committed + k, layout, init, generator)
+            q, n_drafts = torch.cat([q, one_hot(fresh_slots, vocab_size)]), k
+        inputs = seq[n_committed - 1 : n_committed + k]  # [k + 1]: x_last, d_1..d_k (seq holds the drafts)
         logits = yield Forward(adapter.embed(inputs.expand(n_streams, -1)), drop=n_reject)
         positions = range(n_committed, n_committed + k + 1)
         p = final_probs(logits, positions, layout, sampling)  # [k + 1, V]
 
-        n_acc, committed, fresh = verify(p, q, drafts, generator)
+        n_acc, committed, fresh = verify(p, q, inputs[1:], generator)
         n_reject = k - n_acc  # uncommitted inputs: drafts n_acc+1..k
         seq[n_committed : n_committed + n_acc + 1] = committed
         n_committed += n_acc + 1
-        drafts, q = fresh[n_acc + 1 :], p[n_acc + 1 :]  # unaccepted fresh samples, their p as q
-        seq[n_committed : n_committed + drafts.numel()] = drafts
+        n_drafts = k - n_acc
+        q = p[n_acc + 1 :]  # the unaccepted fresh samples are the next drafts, their p is their q
+        seq[n_committed : n_committed + n_drafts] = fresh[n_acc + 1 :]
         per_forward.append(n_acc + 1)
         n_tested, n_accepted = n_tested + k, n_accepted + n_acc
 
