@@ -63,7 +63,7 @@ import torch
 from decode.batch import Forward, Steps, run_one
 from decode.result import DecodeResult
 from decode.sampling import SamplingConfig, final_probs, forced_ids
-from decode.schedule import INIT_MODES, initial_levels, step_levels
+from decode.schedule import INIT_MODES, initial_levels
 from decode.window import (
     REGIONS,
     check_window,
@@ -76,14 +76,13 @@ from decode.window import (
 from models.base import FREE, ModelAdapter, Prefill
 from models.noisy import (
     EmbeddingNorm,
+    LevelTables,
     NoiseConfig,
     Sjd2Recipe,
     TimestepSignal,
-    alpha_sigma,
     denoise_step,
     levels_t,
     make_signal,
-    model_input,
 )
 
 DRAFT_QS = ("sampled", "one_hot")
@@ -92,24 +91,33 @@ INIT_LATENTS = ("prior_mean", "pure_noise")
 
 @dataclass
 class Slots:
-    """The uncommitted window slots, front first (k slots; all tensors on the model's device)."""
+    """The uncommitted window slots, front first (k slots). Tensors live on the model's device; the levels
+    and which slots hold a draft are also kept on the host (``level_list``, ``draft_list``): every decision
+    of the loop reads those, so it needs no device round trip."""
 
     levels: torch.Tensor  # [k] long, 0 = clean
     z: torch.Tensor  # [k, D] float32 normalised latents (used where levels > 0)
-    drafts: torch.Tensor  # [k] long (meaningful where has_draft)
-    has_draft: torch.Tensor  # [k] bool
-    q: torch.Tensor  # [k, V] float32 draft distributions (meaningful where has_draft)
+    drafts: torch.Tensor  # [k] long (meaningful where a draft is held)
+    q: torch.Tensor  # [k, V] float32 draft distributions (meaningful where a draft is held)
+    level_list: list[int]  # == levels.tolist()
+    draft_list: list[bool]  # has the slot a draft (been through a forward, or forced)?
+
+    @property
+    def has_draft(self) -> torch.Tensor:
+        """[k] bool on the model's device (from ``draft_list``)."""
+        return torch.tensor(self.draft_list, dtype=torch.bool, device=self.levels.device)
 
     def __len__(self) -> int:
-        return int(self.levels.numel())
+        return len(self.level_list)
 
     def select(self, index: slice) -> Slots:
-        return Slots(self.levels[index], self.z[index], self.drafts[index], self.has_draft[index], self.q[index])
+        return Slots(self.levels[index], self.z[index], self.drafts[index], self.q[index],
+                     self.level_list[index], self.draft_list[index])
 
     def cat(self, other: Slots) -> Slots:
-        return Slots(*(torch.cat([a, b]) for a, b in zip(
-            (self.levels, self.z, self.drafts, self.has_draft, self.q),
-            (other.levels, other.z, other.drafts, other.has_draft, other.q))))
+        return Slots(*(torch.cat([a, b]) for a, b in zip((self.levels, self.z, self.drafts, self.q),
+                                                        (other.levels, other.z, other.drafts, other.q))),
+                     self.level_list + other.level_list, self.draft_list + other.draft_list)
 
 
 @dataclass
@@ -127,13 +135,13 @@ class Sjd2Stats:
     present_by_slot: list[int] = field(default_factory=list)  # forwards in which slot index i existed
     accepted_by_level: list[int] = field(default_factory=list)  # accepts per input level of the slot
 
-    def record(self, levels: torch.Tensor, n_tested: int, n_acc: int, K: int) -> None:
-        k = int(levels.numel())
+    def record(self, levels: list[int], n_tested: int, n_acc: int, K: int) -> None:
+        k = len(levels)
         for counts, n in ((self.accepted_by_slot, k), (self.present_by_slot, k), (self.accepted_by_level, K + 1)):
             counts.extend([0] * (n - len(counts)))
         for i in range(k):
             self.present_by_slot[i] += 1
-        acc_levels = levels[:n_acc].tolist()
+        acc_levels = levels[:n_acc]
         for i, lv in enumerate(acc_levels):
             self.accepted_by_slot[i] += 1
             self.accepted_by_level[lv] += 1
@@ -206,7 +214,8 @@ def match_trained_noise(noise: NoiseConfig, trained: NoiseConfig | None) -> None
 
 
 class Sjd2Window:
-    """Everything the iteration needs that does not change while decoding one image."""
+    """Everything the iteration needs that does not change while decoding one image (built once per image:
+    the layout's forced ids, the per-level noise tables, the timestep signal of every level)."""
 
     def __init__(self, adapter: ModelAdapter, noise: NoiseConfig, signal: TimestepSignal, init_latent: str,
                  draft_q: str, norm: EmbeddingNorm | None = None):
@@ -216,38 +225,53 @@ class Sjd2Window:
         self.norm = (norm if norm is not None else EmbeddingNorm.from_adapter(adapter)).to(self.device)
         self.dim = int(self.norm.mean.numel())
         self.init_latent, self.draft_q = init_latent, draft_q
-        _, sigma = alpha_sigma(levels_t(noise), noise)
-        self.sigma = sigma.float().to(self.device)  # [K+1]
+        self.tables = LevelTables(noise, self.norm, signal, self.device)
+        self.sigma = self.tables.sigma[:, 0]  # [K+1]
+        forced = forced_ids(self.layout, torch.arange(self.layout.n_tokens, device=self.device))  # [n_tokens]
+        self.is_forced, self.first_draft = forced != FREE, forced.clamp_min(0)
+        self.forced_list = [f != FREE for f in forced.tolist()]
+        self.join_levels = torch.where(self.is_forced, 0, noise.levels)  # a slot joining the tail at level K
         self._code_table: torch.Tensor | None = None
 
     def empty(self) -> Slots:
         d = self.device
         return Slots(torch.zeros(0, dtype=torch.long, device=d), torch.zeros(0, self.dim, device=d),
-                     torch.zeros(0, dtype=torch.long, device=d), torch.zeros(0, dtype=torch.bool, device=d),
-                     torch.zeros(0, self.vocab_size, device=d))
+                     torch.zeros(0, dtype=torch.long, device=d), torch.zeros(0, self.vocab_size, device=d), [], [])
 
-    def new_slots(self, start: int, levels: torch.Tensor, generator: torch.Generator) -> Slots:
-        """Slots for positions [start, start + n) at ``levels`` [n]; forced positions clean with their id."""
-        n = int(levels.numel())
-        forced = forced_ids(self.layout, torch.arange(start, start + n)).to(self.device)  # [n]
-        is_forced = forced != FREE
-        levels = torch.where(is_forced, 0, levels.to(self.device))
-        eps = torch.randn(n, self.dim, generator=generator, device=generator.device).to(self.device)
-        z = eps if self.init_latent == "pure_noise" else self.sigma[levels].unsqueeze(-1) * eps
-        drafts = forced.clamp_min(0)
-        q = one_hot(drafts, self.vocab_size) * is_forced.unsqueeze(-1)
-        return Slots(levels, z, drafts, is_forced, q)
+    def new_slots(self, start: int, levels: torch.Tensor | int, generator: torch.Generator) -> Slots:
+        """Slots for positions [start, start + n) at ``levels`` [n] (an int n: n slots at level K, as slots
+        join the tail); forced positions clean with their id. A free slot holds no draft (its q is unused)."""
+        n = levels if isinstance(levels, int) else int(levels.numel())
+        stop = start + n
+        if start < 0 or stop > self.layout.n_tokens:
+            raise IndexError(f"position outside the image sequence [0, {self.layout.n_tokens})")
+        forced = self.forced_list[start:stop]
+        if isinstance(levels, int):
+            lv, level_list = self.join_levels[start:stop], [0 if f else self.noise.levels for f in forced]
+        else:
+            lv = torch.where(self.is_forced[start:stop], 0, levels.to(self.device))
+            level_list = [0 if f else int(v) for f, v in zip(forced, levels.tolist())]
+        eps = torch.randn(n, self.dim, generator=generator, device=generator.device)
+        if eps.device != self.device:
+            eps = eps.to(self.device)
+        z = eps if self.init_latent == "pure_noise" else self.tables.sigma[lv] * eps
+        drafts = self.first_draft[start:stop]
+        return Slots(lv, z, drafts, one_hot(drafts, self.vocab_size), level_list, forced)
 
-    def inputs(self, slots: Slots) -> torch.Tensor:
-        """Model inputs of the slots: [k, D] in the model's dtype."""
-        ids = torch.where(slots.has_draft, slots.drafts, self.layout.code_start)  # placeholder for noisy slots
-        clean = self.adapter.embed(ids[None])[0]  # [k, D]
-        return model_input(clean, slots.z, slots.levels, self.norm, self.noise, self.signal)
+    def inputs(self, slots: Slots, refed: torch.Tensor | None = None) -> torch.Tensor:
+        """Model inputs [u + k, D] in the model's dtype: the clean embeddings of the ``refed`` committed
+        tokens [u] (none by default), then the slot inputs (one embedding lookup for both)."""
+        ids = slots.drafts if refed is None else torch.cat([refed, slots.drafts])  # a noisy slot's id is unused
+        emb = self.adapter.embed(ids[None])[0]  # [u + k, D]
+        if emb.requires_grad:  # called outside the decoder's no_grad: the slots are written in place
+            emb = emb.detach()
+        self.tables.write_inputs(emb[emb.shape[0] - len(slots):], slots.z, slots.levels)
+        return emb
 
     def clean_estimate(self, tokens: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """x0 in normalised space for each slot: [k, D] (``tokens`` [k] sampled from ``p`` [k, V])."""
         if self.noise.x0 == "sample":
-            return self.norm.normalize(self.adapter.embed(tokens[None])[0])
+            return self.tables.normalize(self.adapter.embed(tokens[None])[0])
         if self._code_table is None:
             codes = torch.arange(self.layout.code_start, self.layout.code_stop, device=self.device)
             self._code_table = self.norm.normalize(self.adapter.embed(codes[None])[0])  # [N_codes, D]
@@ -256,14 +280,18 @@ class Sjd2Window:
 
     def advance(self, slots: Slots, fresh: torch.Tensor, p: torch.Tensor) -> Slots:
         """Step 4 for the slots that stay: new drafts ``fresh`` [k], their p [k, V]; noisy ones denoise."""
-        noisy = slots.levels > 0
         z = slots.z
-        if bool(noisy.any()):
-            x0 = self.clean_estimate(fresh[noisy], p[noisy])
-            z = z.clone()
-            z[noisy] = denoise_step(z[noisy], x0, slots.levels[noisy], self.noise)
+        if any(slots.level_list):
+            if self.noise.x0 == "sample":  # row-wise: every row at once (clean rows' z is unused)
+                z = self.tables.denoise(z, self.clean_estimate(fresh, p), slots.levels)
+            else:  # a matmul over the noisy rows only
+                noisy = slots.levels > 0
+                z = z.clone()
+                z[noisy] = denoise_step(z[noisy], self.clean_estimate(fresh[noisy], p[noisy]), slots.levels[noisy],
+                                        self.noise)
         q = p if self.draft_q == "sampled" else one_hot(fresh, self.vocab_size)
-        return Slots(step_levels(slots.levels), z, fresh, torch.ones_like(slots.has_draft), q)
+        return Slots(self.tables.down[slots.levels], z, fresh, q, [max(v - 1, 0) for v in slots.level_list],
+                     [True] * len(slots))
 
 
 @torch.no_grad()
@@ -310,34 +338,35 @@ def sjd2_steps(
     while n_committed < n_tokens:
         # the window: keep the slots that still fit, add fresh ones at the tail
         k = n_window_drafts(n_committed, window, span, n_tokens)
-        slots = slots.select(slice(0, k))
+        if len(slots) > k:
+            slots = slots.select(slice(0, k))
         if len(slots) < k:
             n_new = k - len(slots)
             first = not opened  # the window's first opening: init_levels; later slots join the tail at K
-            levels = initial_levels(n_new, K, init_levels) if first else torch.full((n_new,), K)
+            levels = initial_levels(n_new, K, init_levels) if first else n_new
             slots = slots.cat(win.new_slots(n_committed + len(slots), levels, generator))
             opened = True
 
         # 1. one forward over [uncached committed tokens, slot inputs]
-        refed = seq[n_cached:n_committed]  # [u], u >= 1
-        u = int(refed.numel())
-        inputs = torch.cat([adapter.embed(refed[None])[0], win.inputs(slots)])  # [u + k, D]
+        u = n_committed - n_cached  # >= 1
+        inputs = win.inputs(slots, seq[n_cached:n_committed])  # [u + k, D]
         logits = yield Forward(inputs[None].expand(n_streams, -1, -1), drop=drop)
         p = final_probs(logits[:, u - 1 :], range(n_committed, n_committed + k + 1), layout, sampling)
 
         # 2. verify the eligible prefix, commit
-        eligible = slots.has_draft & (slots.levels == 0) if accept_only_clean_inputs else slots.has_draft
-        not_eligible = (~eligible).nonzero()
-        n_tested = int(not_eligible[0, 0]) if not_eligible.numel() else len(slots)  # test up to the first ineligible
+        n_tested = 0  # test up to the first ineligible slot
+        for level, has_draft in zip(slots.level_list, slots.draft_list):
+            if not has_draft or (accept_only_clean_inputs and level):
+                break
+            n_tested += 1
         n_acc, committed, fresh = verify(p, slots.q, slots.drafts, generator, n_testable=n_tested)
-        stats.record(slots.levels, n_tested, n_acc, K)
+        stats.record(slots.level_list, n_tested, n_acc, K)
         stats.n_refed_tokens += u - 1
         stats.n_inputs += u + k
         stats.n_step_forwards += 1
 
         # 3. keep the KV of the clean committed inputs (a prefix), roll back the rest
-        clean_acc = (slots.levels[:n_acc] != 0).nonzero()
-        keep = u + (int(clean_acc[0, 0]) if clean_acc.numel() else n_acc)
+        keep = u + next((i for i, level in enumerate(slots.level_list[:n_acc]) if level), n_acc)
         drop = u + k - keep
         seq[n_committed : n_committed + n_acc + 1] = committed
         n_cached += keep
