@@ -76,3 +76,58 @@ def test_distill_term_is_zero_at_the_start_grows_when_the_model_moves_and_the_te
 
 def _args(b):
     return b.input_ids, b.attention_mask, b.labels, b.levels, b.noise_seeds
+
+
+def _full_logp(lm, b, keep):
+    with torch.no_grad():
+        return torch.log_softmax(lm(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.float()[keep], -1)
+
+
+def test_distill_cfg_adds_the_kl_of_the_guided_distributions_computed_from_a_separately_built_unconditional_batch():
+    """Reference: the unconditional rows built by make_batch (prompt_dropout=1: the same images after the
+    adapter's unconditional ids, left-padded its own way), full HF forwards, guidance by hand."""
+    from tests.test_noising import records as recs_of
+    from tests.test_train import micro, module_for
+    from train.noising import make_batch, unconditional_ids
+    from train.objective import ObjectiveConfig
+
+    scale = 3.0
+    m = module_for(micro(), ObjectiveConfig(distill=1.0, distill_cfg=scale))
+    ad = m.adapter
+    recs = recs_of(ad, 6)
+    keys = [(0, i) for i in range(6)]
+    lay = NoiseLayoutConfig(clean_share=1.0, span_max=8, prompt_dropout=0.0)  # every position has clean history
+    b = make_batch(recs, keys, ad.layout, unconditional_ids(ad), 0, lay, K, 0)
+    bu = make_batch(recs, keys, ad.layout, unconditional_ids(ad), 0, replace(lay, prompt_dropout=1.0), K, 0)
+    args = (*_args(b), b.image_start)
+    assert float(m(*args)["distill"]) == pytest.approx(0.0, abs=1e-6)  # student == teacher
+    with pytest.raises(ValueError, match="image_start"):
+        m(*_args(b))
+    with torch.no_grad():
+        for p in m.lm.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    got = float(m(*args)["distill"])
+    teacher = m._teacher[0]
+    keep, keep_u = b.labels != IGNORE, bu.labels != IGNORE
+    tc, sc = _full_logp(teacher, b, keep), _full_logp(m.lm, b, keep)
+    tu, su = _full_logp(teacher, bu, keep_u), _full_logp(m.lm, bu, keep_u)
+
+    def kl(p, q):
+        return float((p.exp() * (p - q)).sum(-1).mean())
+
+    def guided(c, u):
+        return torch.log_softmax(u + scale * (c - u), -1)
+
+    plain = kl(tc, sc)
+    want = plain + kl(guided(tc, tu), guided(sc, su))
+    assert got == pytest.approx(want, rel=1e-3)
+    assert got > plain * 1.5, "the guided term should weigh the drift more than the plain KL"
+    m(*args)["loss"].backward()
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_distill_cfg_needs_a_distill_weight():
+    from train.objective import ObjectiveConfig
+
+    with pytest.raises(ValueError, match="distill_cfg needs"):
+        ObjectiveConfig(distill_cfg=3.0)

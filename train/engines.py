@@ -91,7 +91,7 @@ class PlainEngine:
     def forward_backward(self, batch: Batch) -> dict[str, float]:
         b = batch.to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
-            out = self.module(b.input_ids, b.attention_mask, b.labels, b.levels, b.noise_seeds)
+            out = self.module(b.input_ids, b.attention_mask, b.labels, b.levels, b.noise_seeds, image_start=b.image_start)
         (out["loss"] / self.accumulation).backward()
         return {k: float(v.detach()) for k, v in out.items()}
 
@@ -143,7 +143,7 @@ class DeepSpeedEngine:
 
     def forward_backward(self, batch: Batch) -> dict[str, float]:
         b = batch.to(self.device)
-        out = self.engine(b.input_ids, b.attention_mask, b.labels, b.levels, b.noise_seeds)
+        out = self.engine(b.input_ids, b.attention_mask, b.labels, b.levels, b.noise_seeds, image_start=b.image_start)
         self.engine.backward(out["loss"])  # scales by 1 / gradient_accumulation_steps
         self.engine.step()  # optimizer + scheduler only at the accumulation boundary
         return {k: float(v.detach()) for k, v in out.items()}

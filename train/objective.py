@@ -14,7 +14,11 @@ Steps of the forward:
 4. ``ce = CE(logits, next clean token)``, ``z = z_loss * mean(logsumexp(logits)^2)``; loss = ce + z;
 5. with ``distill > 0``: + ``distill * mean KL(start || model)`` over the loss positions whose inputs are all
    clean so far (the prefix before a row's noisy span, clean rows), the teacher a frozen copy of the
-   starting weights fed the clean ids: plain AR predictions (cond and CFG rows) stay those of the start.
+   starting weights fed the clean ids: plain AR predictions (cond and CFG rows) stay those of the start;
+   with ``distill_cfg = s > 0`` also + ``distill * mean KL`` of the CFG-guided distributions
+   ``softmax(lu + s (lc - lu))`` (lc, lu: log-probs of the row and of its unconditional twin, the same image
+   tokens after the adapter's unconditional ids), teacher vs model: what CFG decoding samples. CFG
+   amplifies small cond/uncond drifts in the tails, which the plain KL barely weighs (bench/sjd2_levers.py).
 """
 from __future__ import annotations
 
@@ -39,6 +43,14 @@ class ObjectiveConfig:
     timestep_mlp_width: int = 256  # hidden width of the TimestepMLP (only with noise.timestep_signal=mlp)
     distill: float = 0.0  # >0: weight of KL(starting weights || model) at clean-history loss positions
     #                       (a frozen copy of the start as teacher: one extra forward; plain engine, small models)
+    distill_cfg: float = 0.0  # >0 (with distill): also KL of the CFG-guided distributions at this scale (the decoders'
+    #                           cfg_scale); costs an unconditional forward of model and teacher per micro-batch
+
+    def __post_init__(self) -> None:
+        if self.distill < 0 or self.distill_cfg < 0:
+            raise ValueError(f"objective.distill and distill_cfg must be >= 0, got {self.distill}, {self.distill_cfg}")
+        if self.distill_cfg > 0 and self.distill == 0:
+            raise ValueError("objective.distill_cfg needs objective.distill > 0 (its weight)")
 
 
 def _submodule_name(root: nn.Module, target: nn.Module) -> str:
@@ -114,7 +126,7 @@ class NoisyLM(nn.Module):
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-        levels: torch.Tensor, noise_seeds: torch.Tensor,
+        levels: torch.Tensor, noise_seeds: torch.Tensor, image_start: int | None = None,
     ) -> dict[str, torch.Tensor]:
         embeds = self.inputs_embeds(input_ids, levels, noise_seeds)
         out = self.lm.get_submodule(self._backbone)(
@@ -130,25 +142,54 @@ class NoisyLM(nn.Module):
         ce, zl = ce_sum / n, self.objective.z_loss * z_sum / n
         out_d = {"loss": ce + zl, "ce": ce.detach(), "z_loss": zl.detach(), "n_tokens": n}
         if self._teacher:
-            dl = self.objective.distill * self._distill(input_ids, attention_mask, levels, keep, out.last_hidden_state)
+            dl = self.objective.distill * self._distill(input_ids, attention_mask, levels, keep, out.last_hidden_state,
+                                                        image_start)
             out_d["loss"] = out_d["loss"] + dl
             out_d["distill"] = dl.detach()
         return out_d
 
-    def _distill(self, input_ids, attention_mask, levels, keep, hidden_all) -> torch.Tensor:
-        """Mean KL(teacher || model) over the loss positions whose inputs are clean up to there."""
+    def _distill(self, input_ids, attention_mask, levels, keep, hidden_all, image_start=None) -> torch.Tensor:
+        """Mean KL(teacher || model) over the loss positions whose inputs are clean up to there (+ the CFG term)."""
         mask = keep & (levels.cumsum(dim=1) == 0)  # [B, T]
         if not bool(mask.any()):
             return hidden_all.new_zeros((), dtype=torch.float32)
         teacher = self._teacher[0]
         if next(teacher.parameters()).device != input_ids.device:
             teacher.to(input_ids.device)
-        with torch.no_grad():
-            t_hidden = teacher.get_submodule(self._backbone)(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state[mask]
-            t_logp = F.log_softmax(teacher.get_submodule(self._lm_head)(t_hidden).float(), dim=-1)
+        t_logp = self._logp(teacher, input_ids, attention_mask, mask, grad=False)
         s_logp = F.log_softmax(self.lm.get_submodule(self._lm_head)(hidden_all[mask]).float(), dim=-1)
-        return (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
+        kl = _kl(t_logp, s_logp)
+        s = self.objective.distill_cfg
+        if s <= 0:
+            return kl
+        if image_start is None:
+            raise ValueError("objective.distill_cfg needs the batch's image_start (the engines pass it)")
+        u_ids, u_att, u_mask = self._unconditional_twin(input_ids, attention_mask, mask, image_start)
+        t_u = self._logp(teacher, u_ids, u_att, u_mask, grad=False)
+        s_u = self._logp(self.lm, u_ids, u_att, u_mask, grad=True)
+        guided = [F.log_softmax(lu + s * (lc - lu), dim=-1) for lc, lu in ((t_logp, t_u), (s_logp, s_u))]
+        return kl + _kl(*guided)
+
+    def _logp(self, lm, ids, att, mask, grad: bool) -> torch.Tensor:
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            h = lm.get_submodule(self._backbone)(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state
+            return F.log_softmax(lm.get_submodule(self._lm_head)(h[mask]).float(), dim=-1)
+
+    def _unconditional_twin(self, input_ids, attention_mask, mask, image_start: int):
+        """Every row's image tokens after the adapter's unconditional ids (no padding: one prompt for all rows),
+        and ``mask`` moved to the same image columns."""
+        from train.noising import unconditional_ids
+
+        if not hasattr(self, "_uncond"):
+            self._uncond = torch.tensor(unconditional_ids(self.adapter), dtype=input_ids.dtype)
+        b, n_u = input_ids.shape[0], self._uncond.numel()
+        u = self._uncond.to(input_ids.device).expand(b, n_u)
+        ids = torch.cat([u, input_ids[:, image_start:]], dim=1)
+        att = torch.cat([torch.ones_like(u, dtype=attention_mask.dtype), attention_mask[:, image_start:]], dim=1)
+        if bool(mask[:, :image_start].any()):
+            raise ValueError("distill positions inside the prompt columns: image_start does not match the batch")
+        u_mask = torch.cat([torch.zeros_like(u, dtype=torch.bool), mask[:, image_start:]], dim=1)
+        return ids, att, u_mask
 
     def _head_loss(self, hidden: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of CE, sum of logsumexp^2) over all rows, optionally chunked with recomputation."""
@@ -166,6 +207,11 @@ class NoisyLM(nn.Module):
         ce = F.cross_entropy(logits, target, reduction="sum")
         z = torch.logsumexp(logits, dim=-1).pow(2).sum() if self.objective.z_loss else logits.new_zeros(())
         return ce, z
+
+
+def _kl(p_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of KL(p || q), both given as log-probabilities [N, V]."""
+    return (p_logp.exp() * (p_logp - q_logp)).sum(-1).mean()
 
 
 def split_state(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
