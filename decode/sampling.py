@@ -139,9 +139,12 @@ def final_probs(
     if logits.dim() != 3:
         raise ValueError(f"final_probs expects logits [B, L, V], got shape {tuple(logits.shape)}")
     n_rows, vocab_size = logits.shape[1], logits.shape[2]
-    rows, ids = _forced_rows(positions, n_rows, layout, logits.device)
-    if ids.numel() == n_rows:  # every row forced: one-hot rows, nothing else to compute
-        return torch.zeros(n_rows, vocab_size, dtype=torch.float32, device=logits.device).scatter_(-1, ids[:, None], 1.0)
+    forced_rows = _forced_rows(positions, n_rows, layout)  # [(row, forced id)] on the host
+    if len(forced_rows) == n_rows:  # every row forced: one-hot rows, nothing else to compute
+        probs = torch.zeros(n_rows, vocab_size, dtype=torch.float32, device=logits.device)
+        for i, f in forced_rows:
+            probs[i, f] = 1.0
+        return probs
     # Every step below works row by row, so forced rows may go through the free rows' path: they are
     # replaced by their one-hot rows at the end. Guidance is elementwise, so it is computed on the code
     # columns only, the other columns are -inf (== guide() then constrain() on free rows).
@@ -162,42 +165,39 @@ def final_probs(
     x = top_k_filter(x, sampling.top_k)
     x = top_p_filter(x, sampling.top_p)
     probs = torch.softmax(x, dim=-1)
-    if ids.numel():
-        probs[rows] = 0.0
-        probs[rows, ids] = 1.0
+    for i, f in forced_rows:  # (a window holds a few forced positions: row views, no index tensors)
+        row = probs[i]
+        row.zero_()
+        row[f] = 1.0
     return probs
 
 
 @functools.lru_cache(maxsize=16)
-def _forced_positions(layout: ImageLayout, device: torch.device) -> tuple[tuple[int, ...], torch.Tensor, torch.Tensor]:
-    """(the forced positions, the same [n_forced] and their ids [n_forced] on ``device``), built once."""
+def _forced_positions(layout: ImageLayout) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(the forced positions, their ids), built once per layout."""
     table = _forced_list(layout)
     pos = tuple(j for j, f in enumerate(table) if f != FREE)
-    return pos, torch.tensor(pos, dtype=torch.long, device=device), torch.tensor(
-        [table[j] for j in pos], dtype=torch.long, device=device)
+    return pos, tuple(table[j] for j in pos)
 
 
-def _forced_rows(positions: torch.Tensor | range, n_rows: int, layout: ImageLayout,
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows [F], forced ids [F]) of the forced positions among ``positions``; refuses bad positions."""
+def _forced_rows(positions: torch.Tensor | range, n_rows: int, layout: ImageLayout) -> list[tuple[int, int]]:
+    """(row, forced id) of the forced positions among ``positions``; refuses bad positions."""
     if isinstance(positions, range) and positions.step == 1:  # a window: look the forced rows up
         start, stop = positions.start, max(positions.start, positions.stop)
         if stop - start != n_rows:
             raise ValueError(f"{stop - start} positions for {n_rows} logit rows")
         if stop > start and (start < 0 or stop > layout.n_tokens):
             raise IndexError(f"position outside the image sequence [0, {layout.n_tokens})")
-        forced, forced_t, ids_t = _forced_positions(layout, device)
+        forced, ids = _forced_positions(layout)
         lo, hi = bisect.bisect_left(forced, start), bisect.bisect_left(forced, stop)
-        return forced_t[lo:hi] - start, ids_t[lo:hi]
+        return [(forced[j] - start, ids[j]) for j in range(lo, hi)]
     pos = list(positions) if isinstance(positions, range) else torch.as_tensor(positions).reshape(-1).tolist()
     if len(pos) != n_rows:
         raise ValueError(f"{len(pos)} positions for {n_rows} logit rows")
     if pos and (min(pos) < 0 or max(pos) >= layout.n_tokens):
         raise IndexError(f"position outside the image sequence [0, {layout.n_tokens})")
     table = _forced_list(layout)
-    forced_rows = [(i, table[j]) for i, j in enumerate(pos) if table[j] != FREE]
-    return (torch.tensor([i for i, _ in forced_rows], dtype=torch.long, device=device),
-            torch.tensor([f for _, f in forced_rows], dtype=torch.long, device=device))
+    return [(i, table[j]) for i, j in enumerate(pos) if table[j] != FREE]
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -210,4 +210,4 @@ def sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     # torch.multinomial(probs, 1) draws exactly this (ATen's one-sample path: argmax of p / Exp(1) noise,
     # the same draws from the generator) minus its per-call input checks; tests/test_sampling.py pins it.
     noise = torch.empty_like(probs).exponential_(1, generator=generator)
-    return torch.argmax(probs / noise, dim=-1)
+    return torch.argmax(torch.div(probs, noise, out=noise), dim=-1)

@@ -98,7 +98,8 @@ class Slots:
     levels: torch.Tensor  # [k] long, 0 = clean
     z: torch.Tensor  # [k, D] float32 normalised latents (used where levels > 0)
     drafts: torch.Tensor  # [k] long (meaningful where a draft is held)
-    q: torch.Tensor  # [k, V] float32 draft distributions (meaningful where a draft is held)
+    q: torch.Tensor  # [h, V], h <= k: draft distributions of the first h slots; slots h.. hold their first
+    #                  draft (a forced id, or none) with a one-hot q, built only when tested (q_rows)
     level_list: list[int]  # == levels.tolist()
     draft_list: list[bool]  # has the slot a draft (been through a forward, or forced)?
 
@@ -110,14 +111,23 @@ class Slots:
     def __len__(self) -> int:
         return len(self.level_list)
 
-    def select(self, index: slice) -> Slots:
-        return Slots(self.levels[index], self.z[index], self.drafts[index], self.q[index],
-                     self.level_list[index], self.draft_list[index])
+    def q_rows(self, n: int) -> torch.Tensor:
+        """The draft distributions of (at least) the first n slots: [>= n, V] float32."""
+        h = self.q.shape[0]
+        return self.q if n <= h else torch.cat([self.q, one_hot(self.drafts[h:], self.q.shape[1])])
+
+    def head(self, n: int) -> Slots:
+        """The first n slots."""
+        return Slots(self.levels[:n], self.z[:n], self.drafts[:n], self.q[:n], self.level_list[:n],
+                     self.draft_list[:n])
 
     def cat(self, other: Slots) -> Slots:
-        return Slots(*(torch.cat([a, b]) for a, b in zip((self.levels, self.z, self.drafts, self.q),
-                                                        (other.levels, other.z, other.drafts, other.q))),
-                     self.level_list + other.level_list, self.draft_list + other.draft_list)
+        q = self.q_rows(len(self)) if other.q.shape[0] else self.q
+        if other.q.shape[0]:
+            q = torch.cat([q, other.q_rows(len(other))])
+        return Slots(*(torch.cat([a, b]) for a, b in zip((self.levels, self.z, self.drafts),
+                                                        (other.levels, other.z, other.drafts))),
+                     q, self.level_list + other.level_list, self.draft_list + other.draft_list)
 
 
 @dataclass
@@ -134,13 +144,14 @@ class Sjd2Stats:
     accepted_by_slot: list[int] = field(default_factory=list)  # accepts per slot index (0 = front)
     present_by_slot: list[int] = field(default_factory=list)  # forwards in which slot index i existed
     accepted_by_level: list[int] = field(default_factory=list)  # accepts per input level of the slot
+    _with_k: dict[int, int] = field(default_factory=dict, repr=False)  # forwards per slot count (not yet in present)
 
     def record(self, levels: list[int], n_tested: int, n_acc: int, K: int) -> None:
         k = len(levels)
         for counts, n in ((self.accepted_by_slot, k), (self.present_by_slot, k), (self.accepted_by_level, K + 1)):
-            counts.extend([0] * (n - len(counts)))
-        for i in range(k):
-            self.present_by_slot[i] += 1
+            if len(counts) < n:
+                counts.extend([0] * (n - len(counts)))
+        self._with_k[k] = self._with_k.get(k, 0) + 1  # present_by_slot[i] += 1 for i < k, summed in as_dict
         acc_levels = levels[:n_acc]
         for i, lv in enumerate(acc_levels):
             self.accepted_by_slot[i] += 1
@@ -151,7 +162,12 @@ class Sjd2Stats:
         self.level_sum_at_accept += float(sum(acc_levels))
 
     def as_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in vars(self).items() if k != "level_sum_at_accept"}
+        present = self.present_by_slot
+        for k, n in self._with_k.items():
+            for i in range(k):
+                present[i] += n
+        self._with_k = {}
+        out = {k: v for k, v in vars(self).items() if k not in ("level_sum_at_accept", "_with_k")}
         out["mean_level_at_accept"] = self.level_sum_at_accept / max(self.n_drafts_accepted, 1)
         out["mean_inputs_per_forward"] = self.n_inputs / max(self.n_step_forwards, 1)
         return out
@@ -227,16 +243,18 @@ class Sjd2Window:
         self.init_latent, self.draft_q = init_latent, draft_q
         self.tables = LevelTables(noise, self.norm, signal, self.device)
         self.sigma = self.tables.sigma[:, 0]  # [K+1]
+        self.sigma_top = float(self.sigma[noise.levels])
         forced = forced_ids(self.layout, torch.arange(self.layout.n_tokens, device=self.device))  # [n_tokens]
         self.is_forced, self.first_draft = forced != FREE, forced.clamp_min(0)
         self.forced_list = [f != FREE for f in forced.tolist()]
         self.join_levels = torch.where(self.is_forced, 0, noise.levels)  # a slot joining the tail at level K
         self._code_table: torch.Tensor | None = None
+        self._no_q = torch.zeros(0, self.vocab_size, device=self.device)
 
     def empty(self) -> Slots:
         d = self.device
         return Slots(torch.zeros(0, dtype=torch.long, device=d), torch.zeros(0, self.dim, device=d),
-                     torch.zeros(0, dtype=torch.long, device=d), torch.zeros(0, self.vocab_size, device=d), [], [])
+                     torch.zeros(0, dtype=torch.long, device=d), self._no_q, [], [])
 
     def new_slots(self, start: int, levels: torch.Tensor | int, generator: torch.Generator) -> Slots:
         """Slots for positions [start, start + n) at ``levels`` [n] (an int n: n slots at level K, as slots
@@ -246,17 +264,17 @@ class Sjd2Window:
         if start < 0 or stop > self.layout.n_tokens:
             raise IndexError(f"position outside the image sequence [0, {self.layout.n_tokens})")
         forced = self.forced_list[start:stop]
-        if isinstance(levels, int):
-            lv, level_list = self.join_levels[start:stop], [0 if f else self.noise.levels for f in forced]
-        else:
-            lv = torch.where(self.is_forced[start:stop], 0, levels.to(self.device))
-            level_list = [0 if f else int(v) for f, v in zip(forced, levels.tolist())]
         eps = torch.randn(n, self.dim, generator=generator, device=generator.device)
         if eps.device != self.device:
             eps = eps.to(self.device)
-        z = eps if self.init_latent == "pure_noise" else self.tables.sigma[lv] * eps
-        drafts = self.first_draft[start:stop]
-        return Slots(lv, z, drafts, one_hot(drafts, self.vocab_size), level_list, forced)
+        if isinstance(levels, int):  # free slots at K: sigma_K eps (a forced slot's z is unused: it is clean)
+            lv, level_list = self.join_levels[start:stop], [0 if f else self.noise.levels for f in forced]
+            z = eps if self.init_latent == "pure_noise" else eps * self.sigma_top
+        else:
+            lv = torch.where(self.is_forced[start:stop], 0, levels.to(self.device))
+            level_list = [0 if f else int(v) for f, v in zip(forced, levels.tolist())]
+            z = eps if self.init_latent == "pure_noise" else self.tables.sigma[lv] * eps
+        return Slots(lv, z, self.first_draft[start:stop], self._no_q, level_list, forced)
 
     def inputs(self, slots: Slots, refed: torch.Tensor | None = None) -> torch.Tensor:
         """Model inputs [u + k, D] in the model's dtype: the clean embeddings of the ``refed`` committed
@@ -278,20 +296,19 @@ class Sjd2Window:
         p_codes = p[:, self.layout.code_start : self.layout.code_stop]  # [k, N_codes]
         return (p_codes / p_codes.sum(-1, keepdim=True).clamp_min(1e-30)) @ self._code_table
 
-    def advance(self, slots: Slots, fresh: torch.Tensor, p: torch.Tensor) -> Slots:
-        """Step 4 for the slots that stay: new drafts ``fresh`` [k], their p [k, V]; noisy ones denoise."""
-        z = slots.z
-        if any(slots.level_list):
+    def advance(self, slots: Slots, fresh: torch.Tensor, p: torch.Tensor, rest: slice = slice(None)) -> Slots:
+        """Step 4 for the slots ``rest`` that stay: new drafts ``fresh`` [k], their p [k, V]; noisy ones denoise."""
+        levels, z, level_list = slots.levels[rest], slots.z[rest], slots.level_list[rest]
+        if any(level_list):
             if self.noise.x0 == "sample":  # row-wise: every row at once (clean rows' z is unused)
-                z = self.tables.denoise(z, self.clean_estimate(fresh, p), slots.levels)
+                z = self.tables.denoise(z, self.clean_estimate(fresh, p), levels)
             else:  # a matmul over the noisy rows only
-                noisy = slots.levels > 0
+                noisy = levels > 0
                 z = z.clone()
-                z[noisy] = denoise_step(z[noisy], self.clean_estimate(fresh[noisy], p[noisy]), slots.levels[noisy],
-                                        self.noise)
+                z[noisy] = denoise_step(z[noisy], self.clean_estimate(fresh[noisy], p[noisy]), levels[noisy], self.noise)
         q = p if self.draft_q == "sampled" else one_hot(fresh, self.vocab_size)
-        return Slots(self.tables.down[slots.levels], z, fresh, q, [max(v - 1, 0) for v in slots.level_list],
-                     [True] * len(slots))
+        return Slots(self.tables.down[levels], z, fresh, q, [v - 1 if v else 0 for v in level_list],
+                     [True] * len(level_list))
 
 
 @torch.no_grad()
@@ -339,7 +356,7 @@ def sjd2_steps(
         # the window: keep the slots that still fit, add fresh ones at the tail
         k = n_window_drafts(n_committed, window, span, n_tokens)
         if len(slots) > k:
-            slots = slots.select(slice(0, k))
+            slots = slots.head(k)
         if len(slots) < k:
             n_new = k - len(slots)
             first = not opened  # the window's first opening: init_levels; later slots join the tail at K
@@ -359,7 +376,7 @@ def sjd2_steps(
             if not has_draft or (accept_only_clean_inputs and level):
                 break
             n_tested += 1
-        n_acc, committed, fresh = verify(p, slots.q, slots.drafts, generator, n_testable=n_tested)
+        n_acc, committed, fresh = verify(p, slots.q_rows(n_tested), slots.drafts, generator, n_testable=n_tested)
         stats.record(slots.level_list, n_tested, n_acc, K)
         stats.n_refed_tokens += u - 1
         stats.n_inputs += u + k
@@ -375,7 +392,7 @@ def sjd2_steps(
 
         # 4. the remaining slots take their fresh samples as drafts; noisy ones denoise one level
         rest = slice(n_acc + 1, k)
-        slots = win.advance(slots.select(rest), fresh[rest], p[rest])
+        slots = win.advance(slots, fresh[rest], p[rest], rest)
 
     extra = {"decoder": "sjd2", "window": window, "init_levels": init_levels, "init_latent": init_latent,
              "draft_q": draft_q, "accept_only_clean_inputs": accept_only_clean_inputs,
