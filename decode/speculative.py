@@ -63,7 +63,7 @@ def accept_prefix(
     index = drafts[:, None]
     p_d, q_d = p.gather(1, index), q.gather(1, index)  # [L, 1]
     # q_d == 0 cannot happen for a draft drawn from q; should a caller pass one, accept iff p_d > 0.
-    ratio = torch.where(q_d > 0, p_d / q_d.clamp_min(1e-30), (p_d > 0).float())
+    ratio = torch.where(q_d > 0, p_d / q_d.clamp_min(1e-30), p_d > 0)  # (the bool branch reads as 0. / 1.)
     r = torch.rand(n, generator=generator, device=generator.device)  # one uniform per position, in [0, 1)
     if r.device != p.device:
         r = r.to(p.device)

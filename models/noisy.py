@@ -330,6 +330,11 @@ def _levels_t_float(cfg: NoiseConfig, device: torch.device) -> torch.Tensor:
     return levels_t(cfg).float().to(device)
 
 
+def levels_t_float(cfg: NoiseConfig, device: torch.device | str) -> torch.Tensor:
+    """t per level as :func:`model_input` looks it up: float32 [K+1] on ``device`` (shared: do not modify)."""
+    return _levels_t_float(cfg, torch.device(device))
+
+
 def model_input(
     clean_emb: torch.Tensor, z: torch.Tensor, level: torch.Tensor, norm: EmbeddingNorm, cfg: NoiseConfig,
     signal: Callable[[torch.Tensor], torch.Tensor],
@@ -371,6 +376,11 @@ def _step_coefficients(cfg: NoiseConfig, device: torch.device) -> tuple[torch.Te
     return c_z.to(device=device, dtype=torch.float32), c_x.to(device=device, dtype=torch.float32)
 
 
+def step_coefficients(cfg: NoiseConfig, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c_z, c_x) [K+1] of :func:`denoise_step`, as it uses them (shared: do not modify)."""
+    return _step_coefficients(cfg, torch.device(device))
+
+
 def denoise_step(z_k: torch.Tensor, x0: torch.Tensor, k: torch.Tensor | int, cfg: NoiseConfig) -> torch.Tensor:
     """One step from level k to k-1 toward the clean estimate ``x0`` (DESIGN 5.1), normalised space.
 
@@ -383,50 +393,3 @@ def denoise_step(z_k: torch.Tensor, x0: torch.Tensor, k: torch.Tensor | int, cfg
     c_z_table, c_x_table = _step_coefficients(cfg, z_k.device)
     c_z, c_x = c_z_table[k.to(z_k.device)].unsqueeze(-1), c_x_table[k.to(z_k.device)].unsqueeze(-1)
     return c_z * z_k + c_x * x0
-
-
-class LevelTables:
-    """Everything :func:`model_input` and :func:`denoise_step` look up per noise level, built once (a decoder
-    builds one per image), so a window of slots at levels ``[k]`` costs one index per quantity.
-
-    Rows are indexed by level 0..K: ``sigma`` [K+1, 1], ``c_z`` / ``c_x`` [K+1, 1] (:func:`denoise_step`'s
-    coefficients, 0 at level 0), ``clean`` [K+1, 1] bool (level 0), ``down`` [K+1] (the level after one
-    step, clean stays clean) and, for a signal that is a per-level lookup (reserved token, none),
-    ``signal_rows`` [K+1, D] = ``signal(t_k)``; another signal (the MLP) is evaluated per call, as in
-    :func:`model_input`. Every value equals what those functions compute, bit for bit.
-    """
-
-    def __init__(self, cfg: NoiseConfig, norm: EmbeddingNorm, signal: Callable[[torch.Tensor], torch.Tensor],
-                 device: torch.device | str):
-        self.cfg, self.signal = cfg, signal
-        self.mean, self.std = norm.mean.to(device), norm.std.to(device)
-        self.t = _levels_t_float(cfg, torch.device(device))  # [K+1]
-        _, sigma = alpha_sigma(levels_t(cfg), cfg)
-        self.sigma = sigma.float().to(device)[:, None]
-        c_z, c_x = _step_coefficients(cfg, torch.device(device))
-        self.c_z, self.c_x = c_z[:, None], c_x[:, None]
-        levels = torch.arange(cfg.levels + 1, device=device)
-        self.clean, self.down = (levels == 0)[:, None], (levels - 1).clamp_min(0)
-        exact = isinstance(signal, (ReservedTokenSignal, NoSignal))  # row-wise lookups: a table is exact
-        with torch.no_grad():
-            self.signal_rows = signal(self.t).to(device).float() if exact else None
-
-    def write_inputs(self, emb: torch.Tensor, z: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
-        """:func:`model_input` in place (decoding: no gradients): ``emb`` [k, D] holds the clean embeddings and
-        becomes the model input (``denorm(z) + signal(t_level)`` where level > 0). z [k, D] float32, level [k]."""
-        if self.signal_rows is not None:
-            sig = self.signal_rows[level]
-        else:
-            sig = self.signal(self.t[level]).to(emb.device)
-        noisy = (z * self.std + self.mean) + sig  # == norm.denormalize(z) + signal(t)
-        if noisy.requires_grad:  # (called outside no_grad; ``emb`` must not require grad either)
-            noisy = noisy.detach()
-        return torch.where(self.clean[level], emb, noisy.to(emb.dtype), out=emb)
-
-    def normalize(self, e: torch.Tensor) -> torch.Tensor:
-        """== ``EmbeddingNorm.normalize``."""
-        return (e.float() - self.mean) / self.std
-
-    def denoise(self, z: torch.Tensor, x0: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
-        """:func:`denoise_step` of every row at once; rows at level 0 come back as 0 (no step applies)."""
-        return self.c_z[level] * z + self.c_x[level] * x0
