@@ -176,3 +176,31 @@ def test_sample_draws_what_torch_multinomial_draws():
     for _ in range(50):
         assert torch.equal(sample(probs, ours), torch.multinomial(probs, 1, generator=ref).squeeze(-1))
     assert torch.equal(torch.rand(3, generator=ours), torch.rand(3, generator=ref))  # same draws consumed
+
+
+def unfused_final_probs(logits: torch.Tensor, positions: list[int], sampling: SamplingConfig) -> torch.Tensor:
+    """The pipeline of the module docstring step by step on whole rows (guide, constrain, temperature,
+    top-k, top-p, softmax, forced rows one-hot): what final_probs must equal bit for bit."""
+    from decode.sampling import constrain, guide, top_k_filter, top_p_filter
+
+    forced = LAYOUT.forced_ids(torch.tensor(positions))
+    x = constrain(guide(logits, sampling.cfg_scale), forced, LAYOUT)
+    x = top_p_filter(top_k_filter(x / sampling.temperature, sampling.top_k), sampling.top_p)
+    probs = torch.softmax(x, dim=-1)
+    for row, fid in enumerate(forced.tolist()):
+        if fid >= 0:
+            probs[row] = 0.0
+            probs[row, fid] = 1.0
+    return probs
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(), SamplingConfig(cfg_scale=1.0, temperature=0.7),
+                                      SamplingConfig(cfg_scale=4.0, top_k=3), SamplingConfig(top_p=0.8)])
+@pytest.mark.parametrize("n_streams", [1, 2])
+def test_final_probs_equals_the_unfused_pipeline_bit_for_bit(sampling, n_streams):
+    """Guidance on the code columns only and forced rows looked up per window change no bit of p."""
+    for start, stop in ((0, 8), (1, 5), (2, 4), (3, 4), (5, 8)):
+        logits = rand_logits(n_streams, stop - start, seed=start) * 3
+        for positions in (range(start, stop), torch.arange(start, stop)):
+            got = final_probs(logits, positions, LAYOUT, sampling)
+            assert torch.equal(got, unfused_final_probs(logits, list(range(start, stop)), sampling)), (start, stop)

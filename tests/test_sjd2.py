@@ -380,3 +380,34 @@ def test_a_fine_tuned_checkpoint_declares_its_recipe_through_the_protocol():
     assert isinstance(recipe, Sjd2Recipe) and isinstance(recipe.noise, NoiseConfig)
     assert recipe.norm is not None and recipe.norm.mean.numel() == tuned.model.config.hidden_size
     assert build(tuned.config.__class__(words=tuned.config.words, n_codes=8)).trained_recipe() is None
+
+
+@pytest.mark.parametrize("signal_kind", ["reserved_token", "none", "mlp"])
+@pytest.mark.parametrize("schedule", ["rectified_flow", "cosine"])
+def test_window_inputs_and_denoising_are_the_noise_functions_bit_for_bit(adapter, signal_kind, schedule):
+    """The window's per-level tables (built once per image) feed and denoise slots at mixed levels with
+    exactly the values of ``model_input`` and ``denoise_step``."""
+    from decode.schedule import initial_levels
+    from models.noisy import TimestepMLP, denoise_step, model_input
+
+    noise = NoiseConfig(levels=5, schedule=schedule, timestep_signal=signal_kind)
+    mlp = None
+    if signal_kind == "mlp":
+        mlp = TimestepMLP(int(adapter.embedding_stats()[0].numel()))
+        torch.nn.init.normal_(mlp.net[-1].weight, std=0.02, generator=gen(1))
+    signal = make_signal(noise, adapter, mlp=mlp)
+    win = Sjd2Window(adapter, noise, signal, init_latent="prior_mean", draft_q="sampled")
+    layout = adapter.layout
+    with torch.no_grad():
+        slots = win.new_slots(1, initial_levels(layout.n_tokens - 2, noise.levels), gen(2))  # forced and free slots
+        for step in range(noise.levels + 1):
+            expected = model_input(adapter.embed(slots.drafts[None])[0], slots.z, slots.levels, win.norm, noise, signal)
+            assert torch.equal(win.inputs(slots), expected), step
+            fresh = torch.randint(layout.code_start, layout.code_stop, (len(slots),), generator=gen(step))
+            noisy = slots.levels > 0
+            x0 = win.norm.normalize(adapter.embed(fresh[noisy][None])[0])
+            z = denoise_step(slots.z[noisy], x0, slots.levels[noisy], noise) if bool(noisy.any()) else None
+            levels = slots.levels.tolist()
+            slots = win.advance(slots, fresh, torch.zeros(len(slots), adapter.vocab_size))
+            assert slots.level_list == slots.levels.tolist() == [max(v - 1, 0) for v in levels]
+            assert z is None or torch.equal(slots.z[noisy], z), step

@@ -104,3 +104,39 @@ def test_residual():
 def test_shape_mismatch_is_refused():
     with pytest.raises(ValueError, match="accept needs"):
         accept(torch.rand(3, V), torch.rand(2, V), torch.tensor([0, 1]), torch.Generator())
+
+
+def reference_accept(p, q, drafts, generator):
+    """The rule as first written here (ratio clamped at 1, residual row by row): the decisions and draws
+    accept and accept_prefix must reproduce exactly."""
+    n = int(drafts.numel())
+    p_d, q_d = p.gather(1, drafts[:, None]).squeeze(1), q.gather(1, drafts[:, None]).squeeze(1)
+    ratio = torch.where(q_d > 0, p_d / q_d.clamp_min(1e-30), (p_d > 0).float())
+    rejected = (torch.rand(n, generator=generator) >= ratio.clamp(max=1.0)).tolist()
+    if True not in rejected:
+        return n, None
+    i = rejected.index(True)
+    return i, int(sample(residual(p[i], q[i])[None], generator)[0])
+
+
+def test_accept_prefix_is_the_rule_with_the_token_on_the_device():
+    """accept and the decoders' accept_prefix make the reference's decisions and draws (q_d = 0 included),
+    and accept_prefix reads no row of p and q past the drafts it tests."""
+    from decode.speculative import accept_prefix
+
+    n_rejected = 0
+    for seed in range(60):
+        g = torch.Generator().manual_seed(seed)
+        p = torch.stack([dist(seed * 10 + i, zeros=(0,)) for i in range(4)])
+        q = torch.stack([dist(seed * 10 + 5 + i, zeros=(0, 1)) for i in range(4)])  # q_d = 0 with p_d = 0 or > 0
+        drafts = torch.randint(0, 3, (3,), generator=g)
+        gens = [torch.Generator().manual_seed(seed) for _ in range(3)]
+        n, token = reference_accept(p[:3], q[:3], drafts, gens[0])
+        assert accept(p[:3], q[:3], drafts, gens[1]) == (n, token)
+        n2, token2 = accept_prefix(torch.cat([p[:3], torch.full((1, V), float("nan"))]), q, drafts, gens[2])
+        assert n2 == n and (token2 is None) == (token is None)
+        assert token is None or (token2.shape == (1,) and int(token2[0]) == token)
+        assert torch.equal(gens[0].get_state(), gens[1].get_state()) and torch.equal(gens[0].get_state(),
+                                                                                      gens[2].get_state())
+        n_rejected += token is not None
+    assert 0 < n_rejected < 60
