@@ -135,7 +135,9 @@ class Sjd2Window:
         self.sigma = self.tables.sigma[:, 0]  # [K+1]
         self.sigma_top = float(self.sigma[noise.levels])
         forced = forced_ids(self.layout, torch.arange(self.layout.n_tokens, device=self.device))  # [n_tokens]
-        self.is_forced, self.first_draft = forced != FREE, forced.clamp_min(0)
+        self.is_forced = forced != FREE
+        # a slot's first draft: its forced id; a free slot has none (its input id, code_start, is never fed clean)
+        self.first_draft = torch.where(self.is_forced, forced, self.layout.code_start)
         self.forced_list = [f != FREE for f in forced.tolist()]
         self.join_levels = torch.where(self.is_forced, 0, noise.levels)  # a slot joining the tail at level K
         self._code_table: torch.Tensor | None = None
@@ -169,7 +171,7 @@ class Sjd2Window:
     def inputs(self, slots: Slots, refed: torch.Tensor | None = None) -> torch.Tensor:
         """Model inputs [u + k, D] in the model's dtype: the clean embeddings of the ``refed`` committed
         tokens [u] (none by default), then the slot inputs (one embedding lookup for both)."""
-        ids = slots.drafts if refed is None else torch.cat([refed, slots.drafts])  # a noisy slot's id is unused
+        ids = slots.drafts if refed is None else torch.cat([refed, slots.drafts])
         emb = self.adapter.embed(ids[None])[0]  # [u + k, D]
         if emb.requires_grad:  # called outside the decoder's no_grad: the slots are written in place
             emb = emb.detach()
