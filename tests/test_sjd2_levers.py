@@ -131,3 +131,20 @@ def test_distill_cfg_needs_a_distill_weight():
 
     with pytest.raises(ValueError, match="distill_cfg needs"):
         ObjectiveConfig(distill_cfg=3.0)
+
+
+def test_distill_runs_the_same_modules_when_no_position_has_a_clean_history():
+    """ZeRO-3 needs every rank to run the same partitioned modules: no data-dependent shortcut, a zero term."""
+    from tests.test_train import fixed_batch, micro, module_for
+    from train.objective import ObjectiveConfig
+
+    m = module_for(micro(), ObjectiveConfig(distill=1.0, distill_cfg=3.0))
+    b = fixed_batch(m.adapter, 4, clean_share=0.0)
+    levels = b.levels.clone()
+    levels[:, : b.image_start + 1] = 0
+    levels[:, b.image_start] = 1  # the first image input of every row is noisy: no loss position has a clean history
+    calls = []
+    m.lm.get_submodule(m._backbone).register_forward_hook(lambda *a: calls.append(1))
+    out = m(b.input_ids, b.attention_mask, b.labels, levels, b.noise_seeds, image_start=b.image_start)
+    assert float(out["distill"]) == 0.0 and torch.isfinite(out["loss"])
+    assert len(calls) == 2, "the model's unconditional forward was skipped"

@@ -150,9 +150,9 @@ class NoisyLM(nn.Module):
 
     def _distill(self, input_ids, attention_mask, levels, keep, hidden_all, image_start=None) -> torch.Tensor:
         """Mean KL(teacher || model) over the loss positions whose inputs are clean up to there (+ the CFG term)."""
+        # No shortcut when no position qualifies: under ZeRO-3 every rank must run the same (partitioned) modules in
+        # the same order, or the parameter all-gathers deadlock; empty rows give a zero term.
         mask = keep & (levels.cumsum(dim=1) == 0)  # [B, T]
-        if not bool(mask.any()):
-            return hidden_all.new_zeros((), dtype=torch.float32)
         teacher = self._teacher[0]
         if next(teacher.parameters()).device != input_ids.device:
             teacher.to(input_ids.device)
@@ -210,8 +210,8 @@ class NoisyLM(nn.Module):
 
 
 def _kl(p_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of KL(p || q), both given as log-probabilities [N, V]."""
-    return (p_logp.exp() * (p_logp - q_logp)).sum(-1).mean()
+    """Mean over rows of KL(p || q), both given as log-probabilities [N, V] (0 for N = 0)."""
+    return (p_logp.exp() * (p_logp - q_logp)).sum() / max(p_logp.shape[0], 1)
 
 
 def split_state(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
