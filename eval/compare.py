@@ -175,6 +175,9 @@ def _label(group: Sequence[Any], root: str) -> str:
     paths = [os.path.abspath(r.run_dir) for r in group]
     common = paths[0] if len(paths) == 1 else os.path.commonpath(paths)
     if common == root and len(paths) > 1:
+        stem = os.path.commonprefix([os.path.basename(p) for p in paths])
+        if stem and {os.path.dirname(p) for p in paths} == {root}:  # one setting's seed dirs (..._s0, _s1, ...)
+            return stem + "*"
         return "+".join(os.path.relpath(p, root) for p in paths)
     return os.path.relpath(common, root) if common != root else os.path.basename(common)
 
@@ -182,7 +185,10 @@ def _label(group: Sequence[Any], root: str) -> str:
 def _labels(groups: Sequence[Sequence[Any]]) -> list[str]:
     paths = [os.path.abspath(r.run_dir) for g in groups for r in g]
     root = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
-    return [_label(g, root) for g in groups]
+    labels = [_label(g, root) for g in groups]
+    clash = {x for x in labels if labels.count(x) > 1}
+    return ["+".join(os.path.relpath(os.path.abspath(r.run_dir), root) for r in g) if x in clash else x
+            for g, x in zip(groups, labels)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -354,7 +360,8 @@ def plot_comparison(rows: Sequence[Mapping[str, Any]], out_png: str | Path) -> P
 
 def write_comparison(rows: Sequence[Mapping[str, Any]], stem: str | Path,
                      formats: Sequence[str] = ("md", "csv", "tex"), plot: bool = True) -> list[Path]:
-    """``stem.{md,csv,tex}``, ``stem.json`` (every field of every row) and ``stem.png``; returns the paths."""
+    """``stem.{md,csv,tex}``, ``stem.json`` (every field of every row), ``stem.png`` and, when the rows hold step
+    compression and a quality metric, ``stem_frontier.png``; returns the paths."""
     from core.rundir import atomic_write_bytes
     from eval.tables import write_tables
 
@@ -365,7 +372,11 @@ def write_comparison(rows: Sequence[Mapping[str, Any]], stem: str | Path,
     atomic_write_bytes(json_path, json.dumps({"protocol": PROTOCOL, "rows": list(rows)}, indent=1).encode())
     written.append(json_path)
     if plot:
-        png = plot_comparison(rows, Path(f"{stem}.png"))
-        if png is not None:
-            written.append(png)
+        from eval.plots import plot_frontier
+
+        base_speed = next((r["baseline_value"] for r in rows if r["metric"] == "step_compression"), 1.0)
+        for png in (plot_comparison(rows, Path(f"{stem}.png")),
+                    plot_frontier(rows, Path(f"{stem}_frontier.png"), baseline_speed=base_speed or 1.0)):
+            if png is not None:
+                written.append(png)
     return written

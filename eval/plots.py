@@ -33,6 +33,14 @@ def _numeric_varying_options(scores: Sequence[Mapping[str, Any]]) -> list[str]:
     return [k for k in keys if len({s["decoder_options"].get(k) for s in scores if k in s["decoder_options"]}) > 1]
 
 
+def _varying_flags(scores: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Non-numeric decoder options (bools, strings) that differ between runs of one decoder."""
+    keys = sorted({k for s in scores for k, v in s["decoder_options"].items()
+                   if isinstance(v, (bool, str)) or v is None})
+    return [k for k in keys if len({repr(s["decoder_options"].get(k)) for s in scores
+                                    if k in s["decoder_options"]}) > 1]
+
+
 def pick_axes(scores: Sequence[Mapping[str, Any]], x: str | None = None,
               group: str | None = None) -> tuple[str | None, str | None]:
     """(x option, grouping option): given ones win, else the varying numeric decoder options, window first."""
@@ -61,17 +69,24 @@ def plot_sweep(scores: Sequence[Mapping[str, Any]], out_png: str | Path, x: str 
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
     lines: dict[tuple, list[Mapping[str, Any]]] = {}
     baselines = [s for s in scores if x not in s["decoder_options"]]
+    flags = _varying_flags(scores)  # e.g. accept_only_clean_inputs, init_levels: a line of their own
     for s in scores:
         if x in s["decoder_options"]:
-            key = (s["model"], s["decoder"], s["decoder_options"].get(group) if group else None)
+            key = (s["model"], s["decoder"], s["decoder_options"].get(group) if group else None,
+                   tuple(f"{k}={s['decoder_options'].get(k)}" for k in flags))
             lines.setdefault(key, []).append(s)
     for ax, metric in zip(axes[0], metrics):
-        for (model, decoder, g), runs in sorted(lines.items(), key=lambda kv: repr(kv[0])):
-            pts = sorted((r["decoder_options"][x], r["metrics"].get(metric)) for r in runs
-                         if r["metrics"].get(metric) is not None)
-            if pts:
-                label = f"{model} {decoder}" + (f" {group}={g}" if group else "")
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        for i, ((model, decoder, g, flag), runs) in enumerate(sorted(lines.items(), key=lambda kv: repr(kv[0]))):
+            by_x: dict[Any, list[float]] = {}
+            for r in runs:
+                if r["metrics"].get(metric) is not None:
+                    by_x.setdefault(r["decoder_options"][x], []).append(r["metrics"][metric])
+            if by_x:  # one point per setting: the mean over its runs (seeds), each run a small dot
+                xs = sorted(by_x)
+                label = " ".join([f"{model} {decoder}"] + ([f"{group}={g}"] if group else []) + list(flag))
+                ax.plot(xs, [sum(by_x[v]) / len(by_x[v]) for v in xs], marker="o", label=label, color=f"C{i}")
+                ax.scatter([v for v in xs for _ in by_x[v]], [y for v in xs for y in by_x[v]], s=8,
+                           color=f"C{i}", alpha=0.4)
         for b in baselines:
             if b["metrics"].get(metric) is not None:
                 ax.axhline(b["metrics"][metric], linestyle="--", color="grey", linewidth=1)
@@ -80,7 +95,7 @@ def plot_sweep(scores: Sequence[Mapping[str, Any]], out_png: str | Path, x: str 
         ax.set_xlabel(x)
         ax.set_title(metric)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside the panels
     return save_figure(fig, out_png)
 
 
@@ -117,5 +132,38 @@ def plot_quality_speed(scores: Sequence[Mapping[str, Any]], out_png: str | Path,
                 ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel("step compression (tokens / forward)")
         ax.set_title(metric + (" (lower is better)" if metric == "fid" else ""))
+        ax.grid(alpha=0.3)
+    return save_figure(fig, out_png)
+
+
+def plot_frontier(rows: Sequence[Mapping[str, Any]], out_png: str | Path, x_metric: str = "step_compression",
+                  baseline_speed: float = 1.0) -> Path | None:
+    """The speed / quality frontier of a comparison (eval.compare rows): x = each run's step compression,
+    y = its paired quality difference to the baseline with the bootstrap interval, one panel per quality
+    metric, each point labelled with its run. None when the rows hold no speed or no quality metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    speed = {r["run"]: r["value"] for r in rows if r["metric"] == x_metric and r.get("value") is not None}
+    metrics = [m for m in QUALITY_METRICS if any(r["metric"] == m and r["run"] in speed for r in rows)]
+    if not metrics:
+        return None
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6.0 * len(metrics), 4.2), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for i, r in enumerate(r for r in rows if r["metric"] == metric and r["run"] in speed):
+            x, d = speed[r["run"]], r["diff"]
+            err = None if r["ci_low"] is None else [[max(d - r["ci_low"], 0.0)], [max(r["ci_high"] - d, 0.0)]]
+            holds = r["ci_low"] is not None and r["ci_low"] <= 0.0 <= r["ci_high"]
+            ax.errorbar([x], [d], yerr=err, fmt="o", capsize=3, color="C0" if holds else "C3")
+            ax.annotate(str(r["run"]), (x, d), fontsize=6, xytext=(4, 2 - 8 * (i % 2)), textcoords="offset points")
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.plot([baseline_speed], [0.0], marker="s", color="black")
+        ax.annotate(str(rows[0].get("baseline_run", "baseline")), (baseline_speed, 0.0), fontsize=6,
+                    xytext=(4, -9), textcoords="offset points")
+        ax.set_xlabel(f"{x_metric} (baseline {baseline_speed:g})")
+        ax.set_ylabel(f"{metric}: run - baseline" + (" (lower is better)" if metric == "fid" else ""))
+        ax.set_title(f"{metric} vs {x_metric}; blue: {rows[0].get('level', 0.95):.0%} interval holds 0", fontsize=9)
         ax.grid(alpha=0.3)
     return save_figure(fig, out_png)

@@ -221,3 +221,28 @@ def test_writers_and_fid_row(tmp_path):
     assert png.stat().st_size > 1000
     written = write_comparison(rows, tmp_path / "out" / "cmp")
     assert sorted(p.suffix for p in written) == [".csv", ".json", ".md", ".png", ".tex"]
+
+
+def test_a_settings_seed_dirs_are_labelled_as_one_glob(tmp_path):
+    """Sibling seed dirs of one setting are named by their common stem; groups that would share a label
+    fall back to the full list, so two rows never carry the same name."""
+    shapes = tmp_path / "shapes"
+    base = [write_run(shapes / f"ar_x_s{s}", pattern(8, seed=s), seed=s) for s in range(2)]
+    run = [write_run(shapes / f"sjd2_w64_s{s}", pattern(8, seed=5 + s), seed=s) for s in range(2)]
+    r = paired_comparison([run], base, metrics=["shapes_overall"], n_boot=10)[0]
+    assert (r["run"], r["baseline_run"]) == ("sjd2_w64_s*", "ar_x_s*")
+    more = [write_run(shapes / f"sjd2_w64_s{s}", pattern(8, seed=9 + s), seed=s - 2) for s in (2, 3)]
+    rows = paired_comparison([run, more], base, metrics=["shapes_overall"], n_boot=10)
+    assert [x["run"] for x in rows] == ["sjd2_w64_s0+sjd2_w64_s1", "sjd2_w64_s2+sjd2_w64_s3"]
+
+
+def test_speed_and_quality_rows_also_draw_the_frontier(tmp_path):
+    base = write_run(tmp_path / "base", pattern(30))
+    run = write_run(tmp_path / "run", pattern(30, seed=3))
+    rows = paired_comparison([run], base, metrics=["shapes_overall", "step_compression"], n_boot=200)
+    assert row(rows, "step_compression")["value"] == pytest.approx(24 / np.mean([6 + i % 4 for i in range(30)]), rel=0.05)
+    written = write_comparison(rows, tmp_path / "out" / "cmp")
+    frontier = tmp_path / "out" / "cmp_frontier.png"
+    assert frontier in written and frontier.stat().st_size > 1000
+    quality_only = [r for r in rows if r["metric"] == "shapes_overall"]
+    assert Path(tmp_path / "q_frontier.png") not in write_comparison(quality_only, tmp_path / "q")
