@@ -177,12 +177,16 @@ class JanusAdapter(HFAdapter):
         return self.text_id(self.ids["pad"])
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """[B, L] ids -> [B, L, D]: codes through generation_embeddings + generation_aligner, text through the
-        text embedding. Both modules run on every call (ZeRO-3 needs the same module calls on every rank)."""
-        ids = ids.to(self.device)
+        """[B, L] ids -> [B, L, D] (model dtype): :meth:`embed_with` this adapter's model."""
+        return self.embed_with(self.model, ids.to(self.device))
+
+    def embed_with(self, model: Any, ids: torch.Tensor) -> torch.Tensor:
+        """[B, L] ids -> [B, L, D] through ``model`` (this adapter's, or the trainer's copy of it): codes through
+        generation_embeddings + generation_aligner, text through the text embedding. Both run on every call
+        (under ZeRO-3 every rank must call the same modules)."""
         is_code = ids < self.n_codes  # [B, L]
-        text = self.model.get_input_embeddings()((ids - self.n_codes).clamp_min(0))
-        image = self.model.prepare_embeddings_for_image_generation(ids.clamp_max(self.n_codes - 1))
+        text = model.get_input_embeddings()((ids - self.n_codes).clamp_min(0))
+        image = model.prepare_embeddings_for_image_generation(ids.clamp_max(self.n_codes - 1))
         return torch.where(is_code.unsqueeze(-1), image.to(text.dtype), text)
 
     def embedding_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
