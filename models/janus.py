@@ -256,10 +256,13 @@ def special_ids(tokenizer: Any, generation_config: Any) -> dict[str, int]:
     ``bos_token_id``, ``pad_token_id``, ``generation_kwargs["boi_token_id"]``), else from the tokenizer."""
     vocab = tokenizer.get_vocab()
     gen_kwargs = getattr(generation_config, "generation_kwargs", None) or {}
+    def first(*values: Any) -> Any:
+        return next((v for v in values if v is not None), None)
+
     out = {
-        "bos": getattr(generation_config, "bos_token_id", None) or tokenizer.bos_token_id,
-        "pad": getattr(generation_config, "pad_token_id", None) or tokenizer.pad_token_id,
-        "boi": gen_kwargs.get("boi_token_id") or vocab.get(BOI_NAME),
+        "bos": first(getattr(generation_config, "bos_token_id", None), tokenizer.bos_token_id),
+        "pad": first(getattr(generation_config, "pad_token_id", None), tokenizer.pad_token_id),
+        "boi": first(gen_kwargs.get("boi_token_id"), vocab.get(BOI_NAME)),
     }
     missing = sorted(k for k, v in out.items() if v is None)
     if missing:
