@@ -53,6 +53,7 @@ from models.hf_common import (
     resolve_checkpoint,
     torch_dtype,
 )
+from models.hf_loading import load_pretrained
 
 BOS_NAME = "<｜begin▁of▁sentence｜>"
 EOS_NAME = "<｜end▁of▁sentence｜>"
@@ -348,11 +349,7 @@ def load(cfg: JanusProConfig) -> JanusAdapter:
     ckpt = resolve_checkpoint(cfg.path, cfg.local_files_only, CHECKPOINT_HINT)
     read_checkpoint_config(ckpt, "janus", CHECKPOINT_HINT)
     check_sizes(JanusConfig.from_pretrained(str(ckpt), local_files_only=True), cfg, where=f"checkpoint {ckpt}")
-    if not (any(ckpt.glob("*.safetensors")) or any(ckpt.glob("pytorch_model*.bin"))):
-        raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin weights in {ckpt}; {CHECKPOINT_HINT}")
-    model = JanusForConditionalGeneration.from_pretrained(
-        str(ckpt), dtype=torch_dtype(cfg.dtype), local_files_only=True
-    ).to(cfg.device)
+    model = load_pretrained(JanusForConditionalGeneration, ckpt, torch_dtype(cfg.dtype), CHECKPOINT_HINT).to(cfg.device)
     tokenizer = load_tokenizer(ckpt, CHECKPOINT_HINT, config=model.config)
     return attach_sjd2_extras(JanusAdapter(model, tokenizer, _processor_normalisation(ckpt, cfg)), ckpt)
 
