@@ -157,6 +157,7 @@ def write_shards(out_dir: Path, tensors: Iterator[tuple[str, torch.Tensor]], max
     files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     for i, name in enumerate(files):
         (out_dir / f"part-{i:05d}.tmp").replace(out_dir / name)
+        (out_dir / name).chmod(0o644)
     index = {"metadata": {"total_size": total}, "weight_map": {k: files[i] for i, keys in enumerate(names) for k in keys}}
     if n > 1:
         write_json(out_dir / "model.safetensors.index.json", index)

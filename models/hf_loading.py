@@ -71,7 +71,11 @@ def load_pretrained(model_cls: Any, ckpt: Path, dtype: torch.dtype, hint: str,
     """``model_cls.from_pretrained(ckpt)`` in ``dtype``, refusing missing (except ``allowed_missing``
     prefixes), unexpected and mismatched keys with one line naming the first few."""
     _shard_count_check(check_weight_files(ckpt, hint))
+    from transformers.utils import logging as hf_logging
+
     kwargs = {"config": config} if config is not None else {}
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report lists keys we judge below, in one line
     try:
         model, info = model_cls.from_pretrained(str(ckpt), dtype=dtype, local_files_only=True,
                                                 output_loading_info=True, **kwargs)
@@ -80,6 +84,8 @@ def load_pretrained(model_cls: Any, ckpt: Path, dtype: torch.dtype, hint: str,
             raise
         raise ValueError(f"{ckpt}: tensor shapes do not fit {model_cls.__name__} built from its config.json "
                          f"(the config and the weights come from different models); {hint}") from err
+    finally:
+        hf_logging.set_verbosity(verbosity)
     missing = [k for k in info.get("missing_keys", ()) if not k.startswith(allowed_missing)]
     unexpected = list(info.get("unexpected_keys", ()))
     mismatched = [str(k[0]) if isinstance(k, tuple) else str(k) for k in info.get("mismatched_keys", ())]
