@@ -108,7 +108,7 @@ def write_recipe(adapter: Any, t: Target, ckpt: Path) -> None:
     (ckpt / "sjd2.json").write_text(json.dumps(recipe.to_json(), indent=1))
 
 
-def measure(t: Target, scratch: Path, image_size: int, lengths: tuple[int, ...]) -> dict:
+def measure(t: Target, scratch: Path, image_size: int, lengths: tuple[int, ...], vq: bool = True) -> dict:
     from core.config import compose_config
     from models import load_adapter
 
@@ -130,7 +130,7 @@ def measure(t: Target, scratch: Path, image_size: int, lengths: tuple[int, ...])
     with mem.running():
         out["forwards"] = forward_times(adapter, PROMPT, lengths)
         print(json.dumps(out["forwards"], indent=1), flush=True)
-        out["vq_decode_full_s"] = vq_decode_full(adapter, t)
+        out["vq_decode_full_s"] = vq_decode_full(adapter, t) if vq else None
         write_recipe(adapter, t, scratch / t.folder)
     out["peak_memory"] = mem.report()
     return out
@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--image-size", type=int, default=None, help="model.image_size (default: the reduced size)")
     p.add_argument("--lengths", default="1,16,96,128", help="measure: window lengths timed (inputs per stream)")
     p.add_argument("--decoders", default="ar,sjd,sjd2", help="decode: which of ar, sjd, sjd2")
+    p.add_argument("--no-vq", action="store_true", help="measure: skip the full-size VQ decode (Emu3's: ~16 min)")
     args = p.parse_args(argv)
     scratch = scratch_dir(args.scratch)
     try:
@@ -211,7 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     for t in targets:
         size = args.image_size or t.image_size
         if args.step == "measure":
-            save(t, "measure", measure(t, scratch, size, tuple(int(x) for x in args.lengths.split(","))))
+            save(t, "measure", measure(t, scratch, size, tuple(int(x) for x in args.lengths.split(",")),
+                                              vq=not args.no_vq))
         else:
             save(t, "decode", {"image_size": size, "runs": decode(t, scratch, size, args.decoders.split(","))})
 
