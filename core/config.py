@@ -35,3 +35,15 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     for k, v in d.items():
         out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
     return out
+
+
+def check_count(name: str, value: Any, minimum: int, *, none_ok: bool = False, meaning: str = "") -> None:
+    """Refuse a count or size that is not an integer >= ``minimum`` (``None`` too unless ``none_ok``), in one
+    line naming the option: every count a user can pass is checked where the stage reads its config."""
+    if value is None and none_ok:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        from core.errors import UserError
+
+        null = " (or null)" if none_ok else ""
+        raise UserError(f"{name}={value!r} must be an integer >= {minimum}{null}" + (f": {meaning}" if meaning else ""))

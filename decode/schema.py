@@ -128,6 +128,24 @@ def check_decoder(decoder_cfg: Mapping[str, Any]) -> Any:
     return cls(**cfg)
 
 
+def check_counts(conf: Mapping[str, Any]) -> None:
+    """The stage's counts and sizes (the decoder's and sampling's own classes check theirs), before any file."""
+    from core.config import check_count
+
+    prompts, shard = conf.get("prompts") or {}, conf.get("shard") or {}
+    check_count("batch_size", conf.get("batch_size", 1), 1, meaning="prompts decoded together")
+    check_count("max_images", conf.get("max_images"), 0, none_ok=True, meaning="new images this invocation decodes")
+    check_count("prompts.limit", prompts.get("limit"), 1, none_ok=True, meaning="the first N prompts")
+    check_count("prompts.images_per_prompt", prompts.get("images_per_prompt", 1), 1, meaning="images per prompt")
+    if "n" in prompts:
+        check_count("prompts.n", prompts.get("n"), 1, meaning="captions drawn from the set")
+    check_count("shard.index", shard.get("index"), 0, none_ok=True, meaning="this process's rank")
+    check_count("shard.count", shard.get("count"), 1, none_ok=True, meaning="the number of shards")
+    size = (conf.get("model") or {}).get("image_size")
+    if size is not None:
+        check_count("model.image_size", size, 1, meaning="pixels per side")
+
+
 def register() -> None:
     """Make the schemas known to Hydra (idempotent; called when decode.run is imported)."""
     cs = ConfigStore.instance()
