@@ -238,15 +238,28 @@ def _set_level(group: Sequence[Any], base: Sequence[Any], metric: str) -> dict[s
             "note": SET_LEVEL[metric]}
 
 
-def _available(groups: Sequence[Sequence[Any]], metric: str) -> bool:
-    """Whether any dir can give ``metric`` (for the default list; a dir then lacking it is refused)."""
+def _available(groups: Sequence[Sequence[Any]], metric: str,
+               will_write: Callable[[Any, str], bool] | None = None) -> bool:
+    """Whether any dir can give ``metric`` (for the default list; a dir then lacking it is refused);
+    ``will_write(run, file)``: the eval about to run writes that per-image file (eval/compare_checks.py)."""
     source = METRICS[metric]
     runs = [r for g in groups for r in g]
     if source.file is None:
         batched = metric.startswith("latency") and any(int(x.get("batch_size") or 1) > 1 for r in runs
                                                        for x in r.records)
         return not batched and all(r.records and "n_forwards" in r.records[0] for r in runs)
-    return any(per_image_path(r.run_dir, source.file).is_file() for r in runs)
+    return any(per_image_path(r.run_dir, source.file).is_file() or (will_write and will_write(r, source.file))
+               for r in runs)
+
+
+def check_not_self(groups: Sequence[Sequence[Any]], base: Sequence[Any]) -> None:
+    """Refuse a baseline dir that is also among the compared runs (it would pair every image with itself)."""
+    base_dirs = {os.path.realpath(getattr(b, "run_dir", b)) for b in base}
+    for i, group in enumerate(groups):
+        same = [str(getattr(r, "run_dir", r)) for r in group if os.path.realpath(getattr(r, "run_dir", r)) in base_dirs]
+        if same:
+            raise ValueError(f"compare.runs[{i}] includes the baseline {same[0]}: a run compared with itself differs by "
+                             "nothing; remove it from compare.runs (or pick another compare.baseline)")
 
 
 def _check_prompt_sets(groups: Sequence[Sequence[Any]], base: Sequence[Any]) -> None:
@@ -270,6 +283,7 @@ def paired_comparison(runs: Sequence[Any], baseline: Any, metrics: Sequence[str]
     groups = [_as_group(r) for r in runs]
     if not groups:
         raise ValueError("no runs to compare: pass at least one run dir besides the baseline")
+    check_not_self(groups, base)
     if labels is not None and len(labels) != len(groups):
         raise ValueError(f"{len(labels)} labels for {len(groups)} runs: give one label per run")
     if not 0 < level < 1 or n_boot < 1:
