@@ -67,7 +67,9 @@ sweep: install ## SJD2 window x steps sweep on tiny_sjd2 (Hydra multirun), then 
 		prompts.limit=24 seed=0
 	$(PY) -m eval 'run_dirs=[runs/tiny_sjd2/shapes/sjd2_*_s0]' table_dir=runs/sweep name=sjd2_sweep
 
-# eval-coco / eval-geneval: the shapes world on tiny by default; the real sets for real models
+# eval-coco / eval-geneval: the shapes world on tiny by default; the real sets for real models. Counts (LIMIT, NPROC)
+# and every path (COCO, SJD2_PATH, GenEval's prompts, the eval suite's files) are checked before anything decodes;
+# on tiny, SJD2_PATH replaces the committed tiny_sjd2 in its rows.
 COCO_SET ?= $(if $(findstring tiny,$(MODEL)),shapes_coco,coco2017_5k)
 GENEVAL_SET ?= $(if $(findstring tiny,$(MODEL)),shapes_geneval,geneval)
 SUITE_ARGS = --model $(MODEL) --nproc $(NPROC) $(if $(COCO),--coco $(COCO)) $(if $(SJD2_PATH),--sjd2-path $(SJD2_PATH)) \

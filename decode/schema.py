@@ -130,7 +130,7 @@ def check_decoder(decoder_cfg: Mapping[str, Any]) -> Any:
 
 def check_counts(conf: Mapping[str, Any]) -> None:
     """The stage's counts and sizes (the decoder's and sampling's own classes check theirs), before any file."""
-    from core.config import check_count
+    from core.config import check_count, check_device_dtype
 
     prompts, shard = conf.get("prompts") or {}, conf.get("shard") or {}
     check_count("batch_size", conf.get("batch_size", 1), 1, meaning="prompts decoded together")
@@ -144,6 +144,7 @@ def check_counts(conf: Mapping[str, Any]) -> None:
     size = (conf.get("model") or {}).get("image_size")
     if size is not None:
         check_count("model.image_size", size, 1, meaning="pixels per side")
+    check_device_dtype(conf.get("model") or {})
 
 
 def register() -> None:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from core.config import compose_config, flatten
+from core.config import check_device_dtype, compose_config, flatten
 from core.errors import UserError, one_line_errors
 from core.rundir import CONF_DIR
 from train.config import DATA_SOURCES, DataConfig, train_config_from_dict
@@ -162,6 +162,7 @@ def run(cfg: DictConfig) -> FitResult:
     train_cfg = train_config_from_dict(resolved["train"])
     run_dir = Path(cfg.run_dir)
     model_cfg = model_config_for_rank(resolved["model"])
+    check_device_dtype(model_cfg)
     check_resume(run_dir, resolved, bool(cfg.resume), bool(cfg.allow_resume_change))
     if train_cfg.data.source == "shapes" and resolved["model"].get("family") != "tiny":
         raise UserError(f"train.data.source=shapes is the embedded shapes world, made for the tiny models' VQ; "
