@@ -74,9 +74,9 @@ def check_comparison(groups: Sequence[Sequence[Any]], base: Sequence[Any], metri
         _available,
         _check_prompt_sets,
         _image_rows,
-        check_not_self,
     )
     from eval.images import per_image_path
+    from eval.rundata import check_not_self, check_seeds
 
     check_not_self(groups, base)
     if not 0 < level < 1 or n_boot < 1:
@@ -84,13 +84,7 @@ def check_comparison(groups: Sequence[Sequence[Any]], base: Sequence[Any], metri
     _check_prompt_sets(groups, base)
     keys = []
     for group in [*groups, base]:
-        seeds: dict[Any, Any] = {}
-        for run in group:
-            seed = run.config.get("seed")
-            if seed in seeds:
-                raise ValueError(f"{seeds[seed]} and {run.run_dir} both have seed {seed}: a row holds one run dir "
-                                 "per seed (list the setting's dirs decoded with different seed=...)")
-            seeds[seed] = run.run_dir
+        check_seeds(group)
         keys.append({(run.config.get("seed"), int(r["idx"]), int(r.get("sample", 0))) for run in group
                      for r in run.records})
     for group, k in zip(groups, keys):

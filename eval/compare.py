@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from eval.images import per_image_path
+from eval.rundata import check_not_self, check_seeds
 
 PROTOCOL = ("paired by (seed, idx, sample); cluster bootstrap over prompts (idx), the same resample for run "
             "and baseline, each metric's summary statistic recomputed per resample; percentile interval")
@@ -158,13 +159,10 @@ def _image_rows(run: Any, metric: str, source: Source) -> list[Mapping[str, Any]
 
 def group_values(group: Sequence[Any], metric: str) -> dict[Key, tuple[float, Any]]:
     """{(seed, idx, sample): (value, group label)} over a row's run dirs; one dir per seed."""
-    source, out, seeds = METRICS[metric], {}, {}
+    source, out = METRICS[metric], {}
+    check_seeds(group)
     for run in group:
         seed = run.config.get("seed")
-        if seed in seeds:
-            raise ValueError(f"{seeds[seed]} and {run.run_dir} both have seed {seed}: a row holds one run dir "
-                             "per seed (list the setting's dirs decoded with different seed=...)")
-        seeds[seed] = run.run_dir
         for r in _image_rows(run, metric, source):
             key = (seed, int(r["idx"]), int(r.get("sample", 0)))
             out.setdefault(key, (source.value(r), r.get(source.group) if source.group else None))
@@ -250,16 +248,6 @@ def _available(groups: Sequence[Sequence[Any]], metric: str,
         return not batched and all(r.records and "n_forwards" in r.records[0] for r in runs)
     return any(per_image_path(r.run_dir, source.file).is_file() or (will_write and will_write(r, source.file))
                for r in runs)
-
-
-def check_not_self(groups: Sequence[Sequence[Any]], base: Sequence[Any]) -> None:
-    """Refuse a baseline dir that is also among the compared runs (it would pair every image with itself)."""
-    base_dirs = {os.path.realpath(getattr(b, "run_dir", b)) for b in base}
-    for i, group in enumerate(groups):
-        same = [str(getattr(r, "run_dir", r)) for r in group if os.path.realpath(getattr(r, "run_dir", r)) in base_dirs]
-        if same:
-            raise ValueError(f"compare.runs[{i}] includes the baseline {same[0]}: a run compared with itself differs by "
-                             "nothing; remove it from compare.runs (or pick another compare.baseline)")
 
 
 def _check_prompt_sets(groups: Sequence[Sequence[Any]], base: Sequence[Any]) -> None:
