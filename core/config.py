@@ -12,6 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from core.errors import OptionError
 from core.rundir import CONF_DIR
 
 STAGE_MODULES = {"decode": "decode.run", "eval": "eval.run", "train": "train.run"}
@@ -43,10 +44,8 @@ def check_count(name: str, value: Any, minimum: int, *, none_ok: bool = False, m
     if value is None and none_ok:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        from core.errors import UserError
-
         null = " (or null)" if none_ok else ""
-        raise UserError(f"{name}={value!r} must be an integer >= {minimum}{null}" + (f": {meaning}" if meaning else ""))
+        raise OptionError(f"{name}={value!r} must be an integer >= {minimum}{null}" + (f": {meaning}" if meaning else ""))
 
 
 def check_device_dtype(model_cfg: Mapping[str, Any]) -> None:
@@ -54,16 +53,14 @@ def check_device_dtype(model_cfg: Mapping[str, Any]) -> None:
     the weights load, which would fail deep inside torch)."""
     import torch
 
-    from core.errors import UserError
-
     device, dtype = model_cfg.get("device"), model_cfg.get("dtype")
     if device is not None:
         try:
             dev = torch.device(str(device))
         except RuntimeError:
-            raise UserError(f"model.device={device!r} is not a device name (cpu, cuda, cuda:1, mps)") from None
+            raise OptionError(f"model.device={device!r} is not a device name (cpu, cuda, cuda:1, mps)") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
-            raise UserError(f"model.device={device} but this machine has no CUDA device torch can use: pass "
+            raise OptionError(f"model.device={device} but this machine has no CUDA device torch can use: pass "
                             "model.device=cpu")
     if dtype is not None and not isinstance(getattr(torch, str(dtype), None), torch.dtype):
-        raise UserError(f"model.dtype={dtype!r} is not a torch dtype: use float32, bfloat16 or float16")
+        raise OptionError(f"model.dtype={dtype!r} is not a torch dtype: use float32, bfloat16 or float16")

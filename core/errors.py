@@ -28,6 +28,10 @@ class UserError(Exception):
     """A refusal of the user's input; its message says what is wrong and how to fix it."""
 
 
+class OptionError(UserError, ValueError):
+    """A bad option value (a count below its minimum, a device this machine lacks): both kinds at once."""
+
+
 # OSErrors of the storage: full disk or quota, file too large, read-only or failing file system
 DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO})
 EXPECTED: tuple[type[BaseException], ...] = (UserError, ValueError, FileNotFoundError, NotADirectoryError,
