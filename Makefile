@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 TORCH ?= torch==2.13.0
 DEEPSPEED ?= deepspeed==0.19.8
 MODEL ?= tiny
-# short names of the real models -> their conf/model/*.yaml (paper settings)
+# short names of the real models -> their conf/model/*.yaml (paper settings); janus_pro_1b / janus_pro_7b are their own
 MODEL_CONF = $(patsubst emu3,emu3_720,$(patsubst lumina_mgpt,lumina_mgpt_768,$(MODEL)))
 NPROC ?= $(if $(findstring tiny,$(MODEL)),2,8)
 export WANDB_MODE ?= disabled
@@ -59,7 +59,7 @@ tiny-sjd2: install ## rebuild models/weights/tiny_sjd2: SJD2 fine-tuning of tiny
 	$(PY) -m train model=tiny train=sjd2_tiny resume=false run_dir=runs/train/tiny-sjd2_tiny-$$(date +%s) \
 		train.export_dir=models/weights/tiny_sjd2
 
-finetune: install ## SJD2 fine-tuning, DeepSpeed ZeRO-3: make finetune MODEL=tiny|lumina_mgpt|emu3 [NPROC=..] [ARGS="..."]
+finetune: install ## SJD2 fine-tuning, DeepSpeed ZeRO-3: make finetune MODEL=tiny|lumina_mgpt|emu3|janus_pro_1b [NPROC=..] [ARGS="..."]
 	launch/finetune.sh $(MODEL_CONF) $(NPROC) $(ARGS)
 
 sweep: install ## SJD2 window x steps sweep on tiny_sjd2 (Hydra multirun), then its table and plot

@@ -6,7 +6,8 @@ one shard per process; re-running the command resumes every shard where it stopp
 scored side by side by the eval stage (tables in Markdown / CSV / LaTeX and plots in ``--out``).
 
 Models: ``tiny`` (the default: AR + SJD on ``tiny``, AR + SJD2 on ``tiny_sjd2``, on the embedded
-COCO-format shapes set, with ground-truth renders as FID's floor), ``lumina_mgpt`` / ``emu3`` (AR + SJD
+COCO-format shapes set, with ground-truth renders as FID's floor), ``lumina_mgpt`` / ``emu3`` /
+``janus_pro_1b`` / ``janus_pro_7b`` (AR + SJD
 on the released model, SJD2 on your fine-tuned export given by ``--sjd2-path``; without it the SJD2 row
 is left out with a note). Sets: ``shapes_coco``, ``coco2017_5k``, ``coco2014_30k`` (``--coco /data/coco``:
 ``annotations/captions_valYYYY.json`` and ``valYYYY/``), ``geneval`` and ``shapes_geneval``.
@@ -30,6 +31,8 @@ ROWS: dict[str, list[tuple[str, str, str]]] = {
     "lumina_mgpt": [("lumina_mgpt_768", "ar", ""), ("lumina_mgpt_768", "sjd_lumina_mgpt", ""),
                     ("lumina_mgpt_768", "sjd2_lumina_mgpt", "SJD2")],
     "emu3": [("emu3_720", "ar", ""), ("emu3_720", "sjd_emu3", ""), ("emu3_720", "sjd2_emu3", "SJD2")],
+    **{m: [(m, "ar", ""), (m, "sjd_janus_pro", ""), (m, "sjd2_janus_pro", "SJD2")]
+       for m in ("janus_pro_1b", "janus_pro_7b", "janus_tiny_random")},
 }
 # set -> (decode overrides, eval suite); {coco} is --coco
 SETS: dict[str, tuple[list[str], str]] = {
@@ -66,7 +69,7 @@ def plan(model: str, set_name: str, out: Path, coco: str | None, sjd2_path: str 
                 print(f"note: no --sjd2-path (SJD2_PATH=...): the {decoder} row is left out; fine-tune with "
                       "`make finetune` and pass its export dir")
                 continue
-            extra = [f"model.path={sjd2_path}", f"model.name={model_conf}_sjd2"]
+            extra = [f"model.path={sjd2_path}", f"model.name={model_conf}_sjd2", "model.random_init=false"]
         name = f"{model_conf if mark != 'SJD2' else model_conf + '_sjd2'}_{decoder}"
         rows.append((out / name, [f"model={model_conf}", f"decoder={decoder}", *prompt_args, *extra,
                                   f"seed={seed}", f"out_dir={out / name}"]))

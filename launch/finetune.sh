@@ -8,7 +8,8 @@
 #   launch/finetune.sh emu3_720 8
 #
 # MODEL is a conf/model/*.yaml name; the train recipe defaults to the model family's (tiny* -> sjd2_tiny,
-# lumina_mgpt* -> sjd2_lumina_mgpt, emu3* -> sjd2_emu3); pass train=<name> to choose another. The script only
+# lumina_mgpt* -> sjd2_lumina_mgpt, emu3* -> sjd2_emu3,
+# janus* -> sjd2_janus_pro); pass train=<name> to choose another. The script only
 # forwards arguments: everything else is a Hydra override of conf/train.yaml. Rerunning the same command
 # resumes from the newest checkpoint in run_dir. global_batch must be divisible by NPROC x micro_batch.
 # Env: PY (python, default .venv/bin/python), TORCHRUN_ARGS (extra torchrun flags).
@@ -36,6 +37,7 @@ if ! printf '%s\n' "$@" | grep -q '^train='; then
     case $MODEL in
         lumina_mgpt*) RECIPE=(train=sjd2_lumina_mgpt) ;;
         emu3*) RECIPE=(train=sjd2_emu3) ;;
+        janus*) RECIPE=(train=sjd2_janus_pro) ;;
         *) RECIPE=(train=sjd2_tiny) ;;
     esac
 fi

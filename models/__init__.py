@@ -15,6 +15,7 @@ _LOADERS = {
     "tiny": "models.tiny:load_from_config",
     "lumina_mgpt": "models.lumina_mgpt:load_from_config",
     "emu3": "models.emu3:load_from_config",
+    "janus": "models.janus:load_from_config",
 }
 
 

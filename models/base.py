@@ -266,9 +266,10 @@ class HFAdapter:
         return vq
 
     def embedding_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        weight = self.backbone.get_input_embeddings().weight.detach().float()
-        rows = weight[self.layout.code_start : self.layout.code_stop]  # [N_codes, D]
-        return rows.mean(0), rows.std(0).clamp_min(1e-6)
+        weight = self.backbone.get_input_embeddings().weight
+        with gathered(weight):  # under ZeRO-3 the table is partitioned outside a forward
+            rows = weight.detach()[self.layout.code_start : self.layout.code_stop].float()  # [N_codes, D]: no
+        return rows.mean(0), rows.std(0).clamp_min(1e-6)  # float32 copy of the whole [V, D] table
 
     def trained_recipe(self) -> Sjd2Recipe | None:
         raw = self._recipe_json()
@@ -286,6 +287,18 @@ class HFAdapter:
             tok = getattr(self, attr, None)
             if tok is not None and hasattr(tok, "save_pretrained"):
                 tok.save_pretrained(str(out_dir))
+
+
+def gathered(*params: torch.nn.Parameter) -> Any:
+    """A context in which DeepSpeed ZeRO-3-partitioned ``params`` hold their full values (read-only); a
+    no-op for ordinary parameters. Every rank must enter it (the gather is collective)."""
+    import contextlib
+
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> Prefill:

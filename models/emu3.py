@@ -46,6 +46,7 @@ from models.hf_common import (
     resolve_checkpoint,
     torch_dtype,
 )
+from models.hf_loading import load_pretrained
 
 BOS_NAME = "<|extra_203|>"
 EOS_NAME = "<|extra_204|>"
@@ -195,6 +196,11 @@ class Emu3Adapter(CodeMappedAdapter):
             ("bos", BOS_NAME), ("pad", PAD_NAME), ("img_start", IMG_START_NAME), ("img_token", IMG_TOKEN_NAME))}
         self._reserved = tuple(_vocab_id(vocab, n) for n in RESERVED_NAMES)
         self._check_vocabulary_map(model.config.vocabulary_map)
+        codebook = int(model.config.vq_config.codebook_size)
+        if codebook != self.code_map.n_codes:
+            raise ValueError(f"the VQ-VAE's codebook has {codebook} codes but the vocabulary names {self.code_map.n_codes} "
+                             "visual tokens; the config and the tokenizer come from different checkpoints")
+        self._check_positions()
 
     def _check_vocabulary_map(self, vocabulary_map: Mapping[str, int] | None) -> None:
         """decode_image_tokens maps ids by the config's names: they must agree with the tokenizer's."""
@@ -291,11 +297,7 @@ def load(cfg: Emu3Config) -> Emu3Adapter:
 
     ckpt = resolve_checkpoint(cfg.path, cfg.local_files_only, CHECKPOINT_HINT)
     read_checkpoint_config(ckpt, "emu3", CHECKPOINT_HINT)
-    if not (any(ckpt.glob("*.safetensors")) or any(ckpt.glob("pytorch_model*.bin"))):
-        raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin weights in {ckpt}; {CHECKPOINT_HINT}")
-    model = Emu3ForConditionalGeneration.from_pretrained(
-        str(ckpt), dtype=torch_dtype(cfg.dtype), local_files_only=True
-    ).to(cfg.device)
+    model = load_pretrained(Emu3ForConditionalGeneration, ckpt, torch_dtype(cfg.dtype), CHECKPOINT_HINT).to(cfg.device)
     tokenizer = load_tokenizer(ckpt, CHECKPOINT_HINT, config=model.config)
     return attach_sjd2_extras(Emu3Adapter(model, tokenizer, _processor_normalisation(ckpt, cfg)), ckpt)
 

@@ -192,6 +192,15 @@ class CodeMappedAdapter(HFAdapter):
         self.code_map = CodeMap.from_vocab(vocab, parse_code, self.vocab_size)
         return vocab
 
+    def _check_positions(self) -> None:
+        """The image layout after the prompt template must fit the model's position table."""
+        from models.hf_loading import check_positions
+
+        text = self.model.config.get_text_config()
+        n = len(self.prompt_ids("")) + self.layout.n_tokens
+        check_positions(n, getattr(text, "max_position_embeddings", None),
+                        f"a {self.image_size}px image ({self.layout.n_tokens} tokens after the prompt template)")
+
     def image_codes(self, tokens: torch.Tensor) -> torch.Tensor:
         """Full image sequence [n_tokens] -> VQ codes [h, w] (mapped by name; a non-code id is an error)."""
         return self.code_map.to_codes(self.layout.code_grid(torch.as_tensor(tokens).cpu()))

@@ -60,6 +60,7 @@ from models.hf_common import (
     resolve_checkpoint,
     torch_dtype,
 )
+from models.hf_loading import expand_qk_norm, load_pretrained, register_qk_norm_expansion
 
 # ---------------------------------------------------------------------------------------------------
 # Lumina-mGPT vocabulary, layout and prompt
@@ -154,63 +155,18 @@ class LuminaMGPTConfig(hf_common.HFModelConfig):
 # Checkpoint conversion
 
 
-def expand_qk_norm(state: Mapping[str, torch.Tensor], num_heads: int, num_kv_heads: int) -> dict[str, torch.Tensor]:
-    """Lumina/Chameleon q/k-norm weights ``[model_parallel, head_dim]`` -> ``[heads, head_dim]``.
-
-    Lumina-mGPT stores one row per model-parallel shard (``[1, head_dim]`` for 7B) and applies row r to
-    heads ``r * heads/shards ..``; transformers 5.x wants one row per head. Other tensors pass through.
-    """
-    out = dict(state)
-    for key, value in state.items():
-        m = re.search(r"self_attn\.(q|k)_norm\.(weight|bias)$", key)
-        if not m:
-            continue
-        heads = num_heads if m.group(1) == "q" else num_kv_heads
-        if value.ndim != 2 or heads % value.shape[0]:
-            raise ValueError(f"{key} has shape {tuple(value.shape)}; cannot expand it to [{heads}, head_dim]")
-        out[key] = value.repeat_interleave(heads // value.shape[0], dim=0).contiguous()
-    return out
-
-
-def read_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
-    """All ``*.safetensors`` (or ``pytorch_model*.bin``) tensors of a checkpoint folder."""
-    from safetensors.torch import load_file
-
-    files = sorted(ckpt.glob("*.safetensors"))
-    if files:
-        state: dict[str, torch.Tensor] = {}
-        for f in files:
-            state.update(load_file(str(f)))
-        return state
-    bins = sorted(ckpt.glob("pytorch_model*.bin"))
-    if bins:
-        state = {}
-        for f in bins:
-            state.update(torch.load(f, map_location="cpu", weights_only=True))
-        return state
-    raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin weights in {ckpt}; {CHECKPOINT_HINT}")
-
-
 def load_chameleon(ckpt: Path, dtype: torch.dtype):
-    """``ChameleonForConditionalGeneration`` from a Lumina-mGPT folder, q/k-norm rows expanded on load."""
-    from transformers import ChameleonConfig, ChameleonForConditionalGeneration
+    """``ChameleonForConditionalGeneration`` from a Lumina-mGPT folder: transformers' streaming loader (one
+    copy of the weights in memory) with the q/k-norm rows expanded as the shards stream in
+    (:func:`models.hf_loading.register_qk_norm_expansion`). Lumina checkpoints carry no ``model.vqmodel.*``
+    (transformers' encoder-only Chameleon VQ, unused here: images go through Meta's VQGAN); it is left to
+    its fresh init, every other key must be in the files."""
+    from transformers import ChameleonForConditionalGeneration
 
     read_checkpoint_config(ckpt, "chameleon", CHECKPOINT_HINT)
-    config = ChameleonConfig.from_pretrained(str(ckpt))
-    state = expand_qk_norm(read_state_dict(ckpt), config.num_attention_heads, config.num_key_value_heads)
-    state = _with_vq_encoder(state, config)
-    return ChameleonForConditionalGeneration.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
-
-
-def _with_vq_encoder(state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
-    """Lumina checkpoints carry no ``model.vqmodel.*`` (transformers' encoder-only Chameleon VQ, unused
-    here: images go through Meta's VQGAN). Fill them with a fresh init so loading reports nothing missing."""
-    if any(k.startswith("model.vqmodel.") for k in state):
-        return state
-    from transformers.models.chameleon.modeling_chameleon import ChameleonVQVAE
-
-    vq = ChameleonVQVAE._from_config(config.vq_config)
-    return {**state, **{f"model.vqmodel.{k}": v for k, v in vq.state_dict().items()}}
+    register_qk_norm_expansion(ChameleonForConditionalGeneration.__name__)
+    return load_pretrained(ChameleonForConditionalGeneration, ckpt, dtype, CHECKPOINT_HINT,
+                           allowed_missing=("model.vqmodel.",))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -276,7 +232,10 @@ class LuminaMGPTAdapter(CodeMappedAdapter):
         self.eot_id = _vocab_id(vocab, EOT_NAME)
         self._reserved = tuple(_vocab_id(vocab, n) for n in RESERVED_NAMES)
         if self.vq is not None and self.vq.cfg.n_embed != self.code_map.n_codes:
-            raise ValueError(f"the VQGAN has {self.vq.cfg.n_embed} codes, the vocabulary {self.code_map.n_codes}")
+            raise ValueError(f"the VQGAN (model.vq_path) has {self.vq.cfg.n_embed} codes but the vocabulary names "
+                             f"{self.code_map.n_codes} image codes; point model.vq_path at Meta's Chameleon tokenizer "
+                             "folder (vqgan.yaml + vqgan.ckpt, 8192 codes)")
+        self._check_positions()
 
     # -- prompt ------------------------------------------------------------------------------------
     def prompt_ids(self, text: str) -> list[int]:

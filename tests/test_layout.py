@@ -81,7 +81,7 @@ def test_no_file_over_the_line_limit():
     assert not long, f"files over {MAX_LINES} lines: {long}"
 
 
-CONCRETE_MODELS = ("models.tiny", "models.shapes_vq", "models.lumina_mgpt", "models.emu3", "models.chameleon_vqgan",
+CONCRETE_MODELS = ("models.tiny", "models.shapes_vq", "models.lumina_mgpt", "models.emu3", "models.janus", "models.chameleon_vqgan",
                    "models.hf_common")
 
 

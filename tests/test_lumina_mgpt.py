@@ -246,12 +246,20 @@ def test_fine_tuned_export_loads_with_its_sjd2_extras(tmp_path, lumina_shared_no
 
 
 def test_stock_loader_refuses_lumina_norm_shapes(tmp_path, lumina_shared_norm):
-    """Why the conversion exists: transformers' own loader refuses [1, head_dim] q/k-norm weights."""
+    """Why the conversion exists: transformers' own loader, without the converter our loader registers,
+    refuses [1, head_dim] q/k-norm weights."""
     from transformers import ChameleonForConditionalGeneration
+    from transformers import conversion_mapping as cm
 
     _write_lumina_checkpoint(tmp_path / "ckpt", lumina_shared_norm)
-    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
-        ChameleonForConditionalGeneration.from_pretrained(str(tmp_path / "ckpt"))
+    cm.get_checkpoint_conversion_mapping("chameleon")  # builds the registry
+    saved = cm._checkpoint_conversion_mapping_cache.pop(ChameleonForConditionalGeneration.__name__, None)
+    try:
+        with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+            ChameleonForConditionalGeneration.from_pretrained(str(tmp_path / "ckpt"))
+    finally:
+        if saved is not None:
+            cm._checkpoint_conversion_mapping_cache[ChameleonForConditionalGeneration.__name__] = saved
 
 
 def test_missing_folder_names_the_fix(tmp_path):

@@ -208,6 +208,8 @@ def _environment(dist: Dist, device: torch.device) -> dict[str, Any]:
 
 
 def _pad_id(adapter: Any) -> int:
+    if getattr(adapter, "pad_id", None) is not None:  # an adapter with its own id space (Janus) names its pad
+        return int(adapter.pad_id)
     cfg = getattr(adapter.model, "config", None)
     pad = getattr(cfg, "pad_token_id", None)
     return int(pad) if pad is not None else 0

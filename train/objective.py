@@ -116,7 +116,7 @@ class NoisyLM(nn.Module):
 
     def inputs_embeds(self, input_ids: torch.Tensor, levels: torch.Tensor, noise_seeds: torch.Tensor) -> torch.Tensor:
         """Clean embeddings with the noisy positions replaced by their noised version: [B, T, D]."""
-        emb = self.lm.get_submodule(self._backbone).get_input_embeddings()(input_ids)  # [B, T, D]
+        emb = self._embed(self.lm, input_ids)  # [B, T, D]
         if self.noise is None:
             return emb
         noisy = levels > 0
@@ -128,6 +128,15 @@ class NoisyLM(nn.Module):
         rows, cols = noisy.nonzero(as_tuple=True)  # row-major: matches row_noise's order
         z = noisy_embedding(emb[rows, cols], levels[rows, cols], eps, self.norm, self.noise, self.signal)  # [N, D]
         return emb.index_put((rows, cols), z.to(emb.dtype))
+
+    def _embed(self, lm: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings of ``ids`` through ``lm``'s modules: the backbone's embedding table, or the adapter's
+        ``embed_with(lm, ids)`` where inputs come from more than one table (Janus: image codes through their own
+        embedding + aligner, text through the text table)."""
+        embed_with = getattr(self.adapter, "embed_with", None)
+        if embed_with is not None:
+            return embed_with(lm, ids)
+        return lm.get_submodule(self._backbone).get_input_embeddings()(ids)
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
@@ -177,7 +186,9 @@ class NoisyLM(nn.Module):
 
     def _logp(self, lm, ids, att, mask, grad: bool) -> torch.Tensor:
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            h = lm.get_submodule(self._backbone)(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state
+            inputs = {"input_ids": ids} if getattr(self.adapter, "embed_with", None) is None else \
+                {"inputs_embeds": self._embed(lm, ids)}
+            h = lm.get_submodule(self._backbone)(**inputs, attention_mask=att, use_cache=False).last_hidden_state
             return F.log_softmax(lm.get_submodule(self._lm_head)(h[mask]).float(), dim=-1)
 
     def _unconditional_twin(self, input_ids, attention_mask, mask, image_start: int):
