@@ -59,8 +59,8 @@ tiny-sjd2: install ## rebuild models/weights/tiny_sjd2: SJD2 fine-tuning of tiny
 	$(PY) -m train model=tiny train=sjd2_tiny resume=false run_dir=runs/train/tiny-sjd2_tiny-$$(date +%s) \
 		train.export_dir=models/weights/tiny_sjd2
 
-finetune: install ## SJD2 fine-tuning, DeepSpeed ZeRO-3: make finetune MODEL=tiny|lumina_mgpt|emu3|janus_pro_1b [NPROC=..] [ARGS="..."]
-	launch/finetune.sh $(MODEL_CONF) $(NPROC) $(ARGS)
+finetune: install ## SJD2 fine-tuning, DeepSpeed ZeRO-3: make finetune MODEL=tiny|lumina_mgpt|emu3|janus_pro_1b [NPROC=..] [ARGS="..."] [DRY_RUN=1: the plan only]
+	DRY_RUN=$(DRY_RUN) launch/finetune.sh $(MODEL_CONF) $(NPROC) $(ARGS)
 
 sweep: install ## SJD2 window x steps sweep on tiny_sjd2 (Hydra multirun), then its table and plot
 	$(PY) -m decode -m model=tiny_sjd2 decoder=sjd2 decoder.window=16,32,64 decoder.denoise_steps=5,10,25 \

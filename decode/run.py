@@ -261,6 +261,11 @@ def decode_run(cfg: DictConfig | Mapping[str, Any], *, adapter: Any = None,
 
 @one_line_errors
 def _run_and_report(cfg: DictConfig) -> None:
+    if cfg.get("dry_run"):
+        from decode.dryrun import dry_run
+
+        dry_run(OmegaConf.to_container(cfg, resolve=True))
+        return
     summary = decode_run(cfg)
     print(f"{summary.out_dir}: {summary.n_decoded} decoded, {summary.n_skipped} already there, "
           f"{summary.n_images} in shard {summary.shard[0]}/{summary.shard[1]}")

@@ -111,6 +111,9 @@ class DecodeStage:
     max_images: int | None = None
     progress: bool = True
     force: bool = False
+    dry_run: bool = False
+    gpu_memory_gb: float = 80.0
+    dry_run_prompt_tokens: int | None = None
 
 
 def check_decoder(decoder_cfg: Mapping[str, Any]) -> Any:
@@ -144,7 +147,8 @@ def check_counts(conf: Mapping[str, Any]) -> None:
     size = (conf.get("model") or {}).get("image_size")
     if size is not None:
         check_count("model.image_size", size, 1, meaning="pixels per side")
-    check_device_dtype(conf.get("model") or {})
+    if not conf.get("dry_run"):  # a plan is for the GPUs of another machine
+        check_device_dtype(conf.get("model") or {})
 
 
 def register() -> None:
