@@ -85,15 +85,15 @@ def images_line(conf: Mapping[str, Any]) -> str:
 def report(plan: DecodePlan, conf: Mapping[str, Any]) -> str:
     m = plan.model
     lines = [
-        f"model: {count(m.n_params)} parameters, {m.layers} layers, {m.kv_heads} KV heads x {m.head_dim}, "
-        f"vocabulary {m.vocab}, {m.image_tokens} image tokens; from {m.source}",
+        (f"model: {count(m.n_params)} parameters, {m.layers} layers, {m.kv_heads} KV heads x {m.head_dim}, "
+        f"vocabulary {m.vocab}, {m.image_tokens} image tokens; from {m.source}"),
         images_line(conf),
-        f"decoder: {conf['decoder'].get('name')}, {plan.window} tokens per forward per stream, {plan.streams} "
-        f"stream(s) per row (CFG {conf['sampling']['cfg_scale']}), {plan.positions} positions per stream",
-        f"weights {gib(plan.weight_bytes)}; per row: KV cache {gib(plan.kv_row_bytes)} + logits "
-        f"{gib(plan.logits_row_bytes)} + activations {gib(plan.act_row_bytes)} = {gib(plan.row_bytes)}",
-        f"batch_size {plan.batch_size}: {gib(plan.total_bytes())} of {gib(plan.gpu_bytes)} (reserve {gib(RESERVE_BYTES)}): "
-        f"{'fits' if plan.total_bytes() <= plan.gpu_bytes else 'DOES NOT FIT'}; at most {plan.max_batch} rows fit",
+        (f"decoder: {conf['decoder'].get('name')}, {plan.window} tokens per forward per stream, {plan.streams} "
+        f"stream(s) per row (CFG {conf['sampling']['cfg_scale']}), {plan.positions} positions per stream"),
+        (f"weights {gib(plan.weight_bytes)}; per row: KV cache {gib(plan.kv_row_bytes)} + logits "
+        f"{gib(plan.logits_row_bytes)} + activations {gib(plan.act_row_bytes)} = {gib(plan.row_bytes)}"),
+        (f"batch_size {plan.batch_size}: {gib(plan.total_bytes())} of {gib(plan.gpu_bytes)} (reserve {gib(RESERVE_BYTES)}): "
+        f"{'fits' if plan.total_bytes() <= plan.gpu_bytes else 'DOES NOT FIT'}; at most {plan.max_batch} rows fit"),
     ]
     if plan.positions - plan.window > m.max_positions:
         lines.append(f"warning: {plan.positions - plan.window} positions exceed the model's {m.max_positions}")

@@ -88,7 +88,7 @@ def test_train_plan_memory_terms_scale_and_the_suggestion_fits():
     assert not two.fits
     fix = what_to_change(two, _train("sjd2_lumina_mgpt", micro_batch=1))
     g = int(fix.split("gpus=")[1].split()[0])
-    fits = lambda n: make_plan(_train("sjd2_lumina_mgpt", micro_batch=1, grad_checkpointing=True), facts, data,  # noqa: E731
+    fits = lambda n: make_plan(_train("sjd2_lumina_mgpt", micro_batch=1, grad_checkpointing=True), facts, data,
                                n, 1, 40).fits
     assert fits(g) and not fits(g // 2)
 

@@ -123,7 +123,7 @@ def make_plan(train: TrainConfig, model: ModelFacts, data: DataFacts, gpus: int,
 def what_to_change(plan: TrainPlan, train: TrainConfig) -> str:
     """One line: the smallest change that makes ``plan`` fit."""
     gb = plan.gpu_bytes / 2**30
-    retry = lambda **kw: make_plan(replace(train, **kw), plan.model, plan.data, plan.gpus, plan.nodes, gb)  # noqa: E731
+    retry = lambda **kw: make_plan(replace(train, **kw), plan.model, plan.data, plan.gpus, plan.nodes, gb)
     if not plan.grad_checkpointing and retry(grad_checkpointing=True).fits:
         return "set train.grad_checkpointing=true"
     per_step = plan.global_batch // plan.gpus
@@ -146,16 +146,16 @@ def report(plan: TrainPlan) -> str:
     m, d = plan.model, plan.data
     tokens = plan.global_batch * d.seq_len
     lines = [
-        f"model: {count(m.n_params)} parameters (largest layer {m.largest_layer / 1e6:.0f} M), hidden {m.hidden}, "
-        f"{m.layers} layers, vocabulary {m.vocab}, {m.image_tokens} image tokens; from {m.source}",
+        (f"model: {count(m.n_params)} parameters (largest layer {m.largest_layer / 1e6:.0f} M), hidden {m.hidden}, "
+        f"{m.layers} layers, vocabulary {m.vocab}, {m.image_tokens} image tokens; from {m.source}"),
         f"data: {d.source}",
-        f"batch: {plan.gpus} GPUs ({plan.nodes} node{'s' if plan.nodes > 1 else ''}) x micro_batch {plan.micro_batch} "
+        (f"batch: {plan.gpus} GPUs ({plan.nodes} node{'s' if plan.nodes > 1 else ''}) x micro_batch {plan.micro_batch} "
         f"x accumulation {plan.accumulation} = global batch {plan.global_batch}; {tokens:,} tokens per step "
-        f"(sequences of {d.seq_len})",
-        f"per GPU: model states (ZeRO-3, DeepSpeed's estimator) {gib(plan.states_bytes)} + activations "
+        f"(sequences of {d.seq_len})"),
+        (f"per GPU: model states (ZeRO-3, DeepSpeed's estimator) {gib(plan.states_bytes)} + activations "
         f"{gib(plan.activation_bytes)} (gradient checkpointing {'on' if plan.grad_checkpointing else 'off'}) + logits "
         f"{gib(plan.logits_bytes)} + reserve {gib(RESERVE_BYTES)} = {gib(plan.total_bytes)} of {gib(plan.gpu_bytes)}: "
-        f"{'fits' if plan.fits else 'DOES NOT FIT'}",
+        f"{'fits' if plan.fits else 'DOES NOT FIT'}"),
     ]
     return "\n".join(lines)
 
