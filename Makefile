@@ -59,15 +59,17 @@ tiny-sjd2: install ## rebuild models/weights/tiny_sjd2: SJD2 fine-tuning of tiny
 	$(PY) -m train model=tiny train=sjd2_tiny resume=false run_dir=runs/train/tiny-sjd2_tiny-$$(date +%s) \
 		train.export_dir=models/weights/tiny_sjd2
 
-finetune: install ## SJD2 fine-tuning, DeepSpeed ZeRO-3: make finetune MODEL=tiny|lumina_mgpt|emu3|janus_pro_1b [NPROC=..] [ARGS="..."]
-	launch/finetune.sh $(MODEL_CONF) $(NPROC) $(ARGS)
+finetune: install ## SJD2 fine-tuning, DeepSpeed ZeRO-3: make finetune MODEL=tiny|lumina_mgpt|emu3|janus_pro_1b [NPROC=..] [ARGS="..."] [DRY_RUN=1: the plan only]
+	DRY_RUN=$(DRY_RUN) launch/finetune.sh $(MODEL_CONF) $(NPROC) $(ARGS)
 
 sweep: install ## SJD2 window x steps sweep on tiny_sjd2 (Hydra multirun), then its table and plot
 	$(PY) -m decode -m model=tiny_sjd2 decoder=sjd2 decoder.window=16,32,64 decoder.denoise_steps=5,10,25 \
 		prompts.limit=24 seed=0
 	$(PY) -m eval 'run_dirs=[runs/tiny_sjd2/shapes/sjd2_*_s0]' table_dir=runs/sweep name=sjd2_sweep
 
-# eval-coco / eval-geneval: the shapes world on tiny by default; the real sets for real models
+# eval-coco / eval-geneval: the shapes world on tiny by default; the real sets for real models. Counts (LIMIT, NPROC)
+# and every path (COCO, SJD2_PATH, GenEval's prompts, the eval suite's files) are checked before anything decodes;
+# on tiny, SJD2_PATH replaces the committed tiny_sjd2 in its rows.
 COCO_SET ?= $(if $(findstring tiny,$(MODEL)),shapes_coco,coco2017_5k)
 GENEVAL_SET ?= $(if $(findstring tiny,$(MODEL)),shapes_geneval,geneval)
 SUITE_ARGS = --model $(MODEL) --nproc $(NPROC) $(if $(COCO),--coco $(COCO)) $(if $(SJD2_PATH),--sjd2-path $(SJD2_PATH)) \

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from core.errors import UserError, one_line_errors
 
 # model -> rows of (model config, decoder config, extra overrides); "SJD2" marks the fine-tuned model's rows
 ROWS: dict[str, list[tuple[str, str, str]]] = {
@@ -48,24 +51,26 @@ def plan(model: str, set_name: str, out: Path, coco: str | None, sjd2_path: str 
          limit: int | None, seed: int) -> list[tuple[Path, list[str]]]:
     """(run dir, decode overrides) of every row."""
     if model not in ROWS:
-        raise SystemExit(f"error: unknown MODEL {model!r}; pick one of {sorted(ROWS)}")
+        raise UserError(f"unknown MODEL {model!r}; pick one of {sorted(ROWS)}")
     if set_name not in SETS:
-        raise SystemExit(f"error: unknown SET {set_name!r}; pick one of {sorted(SETS)}")
+        raise UserError(f"unknown SET {set_name!r}; pick one of {sorted(SETS)}")
     if set_name.startswith("coco") and not coco:
-        raise SystemExit(f"error: SET={set_name} needs COCO=/path/to/coco (with annotations/ and val20XX/)")
+        raise UserError(f"SET={set_name} needs COCO=/path/to/coco (with annotations/ and val20XX/)")
     prompt_args = [a.format(coco=coco) for a in SETS[set_name][0]]
     if limit:
         prompt_args.append(f"prompts.limit={limit}")
     rows = []
     for model_conf, decoder, mark in ROWS[model]:
         extra = []
+        if sjd2_path and model_conf.endswith("_sjd2"):  # tiny: your export replaces the committed tiny_sjd2
+            extra = [f"model.path={sjd2_path}"]
         if mark == "SJD2":
             if not sjd2_path:
                 print(f"note: no --sjd2-path (SJD2_PATH=...): the {decoder} row is left out; fine-tune with "
                       "`make finetune` and pass its export dir")
                 continue
             extra = [f"model.path={sjd2_path}", f"model.name={model_conf}_sjd2", "model.random_init=false"]
-        name = f"{model_conf if not extra else model_conf + '_sjd2'}_{decoder}"
+        name = f"{model_conf if mark != 'SJD2' else model_conf + '_sjd2'}_{decoder}"
         rows.append((out / name, [f"model={model_conf}", f"decoder={decoder}", *prompt_args, *extra,
                                   f"seed={seed}", f"out_dir={out / name}"]))
     return rows
@@ -78,14 +83,46 @@ def decode(overrides: Sequence[str], nproc: int) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1" if nproc > 1 else "")}
     if not env["OMP_NUM_THREADS"]:
         env.pop("OMP_NUM_THREADS")
-    proc = subprocess.run([*head, *overrides], env=env, check=False)
-    if proc.returncode:
-        raise SystemExit(f"error: decoding failed (exit {proc.returncode}): python -m decode {' '.join(overrides)}; "
-                         "fix the cause above and re-run the same command (finished images are kept)")
+    proc = subprocess.Popen([*head, *overrides], env=env)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:  # Ctrl-C reached the row's decode too: it ends and prints the one line
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGINT)
+            proc.wait()
+        raise SystemExit(130) from None
+    if code:  # the decode printed its own one line (error, or the interrupt): add none, keep its status
+        print(f"[eval-suite] decoding stopped (exit {code}): python -m decode {' '.join(overrides)}; fix the cause "
+              "and re-run the same command (finished images are kept)")
+        raise SystemExit(code if code in (2, 130) else 1)
 
 
+def compose_eval(args: argparse.Namespace, out: Path, run_dirs: Sequence[str]) -> dict:
+    """The eval stage's config for the rows (``eval=<suite>`` + ``ARGS`` overrides), as a plain mapping."""
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from core.config import compose_config
+
+    suite = SETS[args.set_name][1]
+    val = {"coco2017_5k": "val2017", "coco2014_30k": "val2014"}.get(args.set_name, "")
+    eval_args = [a.format(coco=args.coco, val=val) for a in EVAL_OVERRIDES.get(suite, [])]
+    try:
+        cfg = compose_config([f"eval={suite}", f"run_dirs=[{','.join(run_dirs)}]", f"table_dir={out}",
+                              f"name={args.set_name}", *eval_args, *args.eval_overrides], config_name="eval")
+        return OmegaConf.to_container(cfg, resolve=True)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise UserError(f"the eval overrides {list(args.eval_overrides)} do not compose: {e}") from None
+
+
+@one_line_errors
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from bench.suite_checks import OneLineParser, check_args, check_eval_config
+
+    ap = OneLineParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="tiny", help=f"one of {sorted(ROWS)}")
     ap.add_argument("--set", default="shapes_coco", dest="set_name", help=f"one of {sorted(SETS)}")
     ap.add_argument("--coco", default=None, help="COCO root: annotations/ and val2014/ or val2017/")
@@ -96,8 +133,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--out", default=None, help="default: runs/eval_<set>/<model>")
     ap.add_argument("eval_overrides", nargs="*", help="overrides of the eval stage, e.g. wandb.mode=offline")
     args = ap.parse_args(argv)
+    check_args(args)  # counts and paths: checked before anything decodes (bench/suite_checks.py)
     out = Path(args.out or f"runs/eval_{args.set_name}/{args.model}")
     rows = plan(args.model, args.set_name, out, args.coco, args.sjd2_path, args.limit, args.seed)
+    eval_cfg = compose_eval(args, out, [str(d) for d, _ in rows])  # the eval overrides, checked now too
+    check_eval_config(eval_cfg)
     t0 = time.perf_counter()
     for run_dir, overrides in rows:
         t = time.perf_counter()
@@ -111,18 +151,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         gt = out / "renders_ground_truth"
         write_render_run(gt, resolve_path("runs/cache/shapes_coco"), scene_seed=1, limit=args.limit)
         run_dirs.append(str(gt))
-    suite = SETS[args.set_name][1]
-    val = {"coco2017_5k": "val2017", "coco2014_30k": "val2014"}.get(args.set_name, "")
-    eval_args = [a.format(coco=args.coco, val=val) for a in EVAL_OVERRIDES.get(suite, [])]
-    from core.config import compose_config
     from eval.run import evaluate
 
-    cfg = compose_config([f"eval={suite}", f"run_dirs=[{','.join(run_dirs)}]", f"table_dir={out}",
-                          f"name={args.set_name}",
-                          *eval_args, *args.eval_overrides], config_name="eval")
-    from omegaconf import OmegaConf
-
-    evaluate(OmegaConf.to_container(cfg, resolve=True))
+    evaluate(compose_eval(args, out, run_dirs))
     print(f"[eval-suite] {len(rows)} rows decoded and scored in {time.perf_counter() - t0:.1f} s -> {out}")
 
 

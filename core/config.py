@@ -12,6 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from core.errors import OptionError
 from core.rundir import CONF_DIR
 
 STAGE_MODULES = {"decode": "decode.run", "eval": "eval.run", "train": "train.run"}
@@ -35,3 +36,31 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     for k, v in d.items():
         out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
     return out
+
+
+def check_count(name: str, value: Any, minimum: int, *, none_ok: bool = False, meaning: str = "") -> None:
+    """Refuse a count or size that is not an integer >= ``minimum`` (``None`` too unless ``none_ok``), in one
+    line naming the option: every count a user can pass is checked where the stage reads its config."""
+    if value is None and none_ok:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        null = " (or null)" if none_ok else ""
+        raise OptionError(f"{name}={value!r} must be an integer >= {minimum}{null}" + (f": {meaning}" if meaning else ""))
+
+
+def check_device_dtype(model_cfg: Mapping[str, Any]) -> None:
+    """``model.device`` must name a device this machine has, ``model.dtype`` a torch floating dtype (before
+    the weights load, which would fail deep inside torch)."""
+    import torch
+
+    device, dtype = model_cfg.get("device"), model_cfg.get("dtype")
+    if device is not None:
+        try:
+            dev = torch.device(str(device))
+        except RuntimeError:
+            raise OptionError(f"model.device={device!r} is not a device name (cpu, cuda, cuda:1, mps)") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise OptionError(f"model.device={device} but this machine has no CUDA device torch can use: pass "
+                            "model.device=cpu")
+    if dtype is not None and not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+        raise OptionError(f"model.dtype={dtype!r} is not a torch dtype: use float32, bfloat16 or float16")

@@ -8,6 +8,13 @@ stage for it, so this module imports only the standard library and torch (STYLE.
     images/{idx:06d}.png     one per prompt ({idx:06d}_{sample:02d}.png when images_per_prompt > 1)
     samples.jsonl            one JSON object per finished image (sharded runs: samples-{rank}.jsonl)
     geneval/{idx:05d}/       with prompts.geneval_folder: metadata.jsonl + samples/{sample:04d}.png
+    scores.json, per_image_*.jsonl, scores.{md,csv,tex}, scores_*.png, wandb/    written by eval
+    .run.lock, .samples*.jsonl.lock    the kernel locks (empty files) of the dir and of each shard
+    superseded/<UTC time>/   earlier results of another configuration, moved there by force=true
+
+Ownership: decode writes only into a folder that is missing, empty, or already a run dir (its config.yaml
+is a decode config); ``force=true`` moves only the entries of :data:`CONTRACT_ENTRIES` aside, never any
+other file (decode/ownership.py).
 
 Crash safety: an image is *finished* once its record line is in a ``samples*.jsonl``. The PNG is
 written first (tmp file + ``os.replace``), then the line (one write, flush, fsync). On restart a torn
@@ -36,6 +43,12 @@ from core.errors import UserError
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
 CONFIG_FILE = "config.yaml"
+RUN_LOCK = ".run.lock"
+# what force=true moves to superseded/ (glob patterns at the top of a run dir); the lock files stay, so a
+# process that opens a lock later still meets the one its peers hold
+CONTRACT_ENTRIES = (CONFIG_FILE, "env.json", "env-*.json", "samples.jsonl", "samples-*.jsonl", "images", "geneval",
+                    "scores.*", "scores_*", "per_image_*.jsonl", "wandb")
+LOCK_ENTRIES = (RUN_LOCK, ".samples*.jsonl.lock")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -62,14 +75,31 @@ def image_name(idx: int, sample: int, images_per_prompt: int) -> str:
 # Files: atomic writes, durable appends, torn-line repair
 
 
+@contextlib.contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """An ``OSError`` without a file name (``write`` on a full disk) gets ``path`` as its file name, so the
+    one-line error (core/errors.py) can say where it happened and how much space is left there."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise type(e)(e.errno, e.strerror, str(path)) from e
+        raise
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``path`` so that readers see the old file or the whole new one, never half of it."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with naming(path):
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:
+            tmp.unlink(missing_ok=True)  # a full disk keeps no half-written temporary file
+            raise
+        os.replace(tmp, path)
 
 
 def remove_stale_tmp(run_dir: Path) -> list[Path]:
@@ -106,7 +136,7 @@ def save_image(image: Any, path: Path) -> None:
 def append_record(path: Path, record: Mapping[str, Any]) -> None:
     """Append one JSON line durably (a single write, then flush + fsync)."""
     line = json.dumps(record, separators=(",", ":")) + "\n"
-    with open(path, "a", encoding="utf-8") as f:
+    with naming(path), open(path, "a", encoding="utf-8") as f:
         f.write(line)
         f.flush()
         os.fsync(f.fileno())
@@ -123,19 +153,42 @@ def shard_lock(records_path: Path) -> Iterator[None]:
     A second process for the same shard fails at once with :class:`ShardBusy` (the lock is the kernel's:
     it goes with the process, so a killed run leaves no stale lock).
     """
+    with held_lock(shard_lock_path(records_path), wait=False) as ok:
+        if not ok:
+            raise ShardBusy(f"another process is decoding into {records_path} now (one writer per shard): "
+                            "wait for it, or give this one another shard.index / out_dir")
+        yield
+
+
+def shard_lock_path(records_path: Path) -> Path:
+    """The lock file of a records file: ``.<name>.lock`` beside it."""
+    return records_path.with_name(f".{records_path.name}.lock")
+
+
+@contextlib.contextmanager
+def held_lock(lock: Path, wait: bool) -> Iterator[bool]:
+    """An exclusive kernel lock on the file ``lock`` (created if missing): yields True once held, False when
+    another process holds it and ``wait`` is False. Released on exit, or when the process dies."""
     import fcntl
 
-    lock = records_path.with_name(f".{records_path.name}.lock")
     with open(lock, "a") as f:
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
-            raise ShardBusy(f"another process is decoding into {records_path} now (one writer per shard): "
-                            "wait for it, or give this one another shard.index / out_dir") from None
+            yield False
+            return
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold the run dir's own lock (``.run.lock``) while its configuration is checked, moved aside or written:
+    a few seconds at most, so a second process waits for it instead of failing."""
+    with held_lock(Path(run_dir) / RUN_LOCK, wait=True):
+        yield
 
 
 def read_records(path: Path, repair: bool = False) -> list[dict]:

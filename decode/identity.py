@@ -1,12 +1,11 @@
 """What a decode run dir means: its configuration identity, the fingerprints of its prompt set's content
 and of its weights, and the checks made before anything is written (a run dir holds the images of exactly
-one configuration; ``force=true`` moves earlier results aside, never relabels them)."""
+one configuration; ``force=true`` moves earlier results aside, never relabels them: decode/ownership.py)."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,12 +14,14 @@ from omegaconf import OmegaConf
 
 from core.config import flatten
 from core.errors import UserError
-from core.rundir import CONFIG_FILE, atomic_write_bytes, remove_stale_tmp
+from core.rundir import CONFIG_FILE
 from data.prompts import Prompt
 
 # Parts of the config that must match before a run dir may be resumed (prompts.limit and
-# prompts.geneval_folder may change: they select or lay out, never alter, an image).
-IDENTITY_KEYS = ("model", "decoder", "sampling", "seed", "prompts", "fingerprint")
+# prompts.geneval_folder may change: they select or lay out, never alter, an image). batch_size is part of
+# it: it leaves every image as it is but decides what the records' timings mean (batch-1 latency, or
+# throughput of one batch size), so one run dir holds the timings of one batch size (README "The run directory").
+IDENTITY_KEYS = ("model", "decoder", "sampling", "seed", "prompts", "fingerprint", "batch_size")
 IDENTITY_IGNORED = {"prompts.limit", "prompts.geneval_folder"}
 
 
@@ -28,11 +29,10 @@ class RunDirConflict(UserError):
     """The run directory holds results of a different configuration."""
 
 
-
-
 def config_identity(conf: Mapping[str, Any]) -> dict[str, Any]:
     """The flattened settings that decide what an image is (see ``IDENTITY_KEYS``)."""
     flat = flatten({k: conf.get(k) for k in IDENTITY_KEYS})
+    flat["batch_size"] = conf.get("batch_size") or 1  # run dirs written before batching decoded at batch 1
     return {k: v for k, v in flat.items() if k not in IDENTITY_IGNORED}
 
 
@@ -97,31 +97,6 @@ def check_same_config(run_dir: Path, conf: Mapping[str, Any]) -> None:
             f"run dir {run_dir} holds results of another configuration ({what}){why}. Pick another "
             "out_dir=..., or pass force=true to start it over (its results move to superseded/, none is relabelled)"
         )
-
-
-def supersede(run_dir: Path) -> Path | None:
-    """Move a run dir's results (config, records, images, scores) into ``superseded/<UTC time>/``."""
-    names = [p for p in run_dir.iterdir() if p.name != "superseded" and not p.name.startswith(".")]
-    if not names:
-        return None
-    dest = run_dir / "superseded" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    dest.mkdir(parents=True, exist_ok=True)
-    for p in names:
-        os.replace(p, dest / p.name)
-    return dest
-
-
-def prepare_run_dir(run_dir: Path, conf: Mapping[str, Any], force: bool) -> None:
-    """Create the run dir, refuse a mixed one (``force``: supersede it), write the resolved config."""
-    if not force:
-        check_same_config(run_dir, conf)
-    elif config_diffs(run_dir, conf):
-        moved = supersede(run_dir)
-        print(f"force=true: the earlier results of {run_dir} moved to {moved}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "images").mkdir(exist_ok=True)
-    remove_stale_tmp(run_dir)
-    atomic_write_bytes(run_dir / CONFIG_FILE, OmegaConf.to_yaml(OmegaConf.create(dict(conf))).encode())
 
 
 def check_writable(run_dir: Path) -> None:

@@ -26,21 +26,19 @@ from core.rundir import (
     atomic_write_bytes,
     finished,
     image_name,
-    read_records,
     samples_name,
-    shard_lock,
 )
 from data.prompts import Prompt, apply_limit, load_prompts
 from decode import schema
 from decode.identity import (  # RunDirConflict: decode.run's error since the first release
     RunDirConflict,  # noqa: F401
     check_same_config,
-    check_writable,
-    prepare_run_dir,
+    config_diffs,
     prompts_fingerprint,
     weights_fingerprint,
 )
 from decode.loop import GenerateFn, decode_images, timed_generate  # noqa: F401 (timed_generate: bench)
+from decode.ownership import check_out_dir, claim_run_dir, finished_with_images
 
 KEY_ABBREVIATIONS = {"window": "w", "denoise_steps": "d"}  # decoder options spelled in folder names
 
@@ -110,6 +108,8 @@ def run_key(decoder: Any, sampling: Any) -> str:
 
 
 OmegaConf.register_new_resolver("run_key", run_key, replace=True)
+# the default out_dir of a batched run: its own folder (batch_size is part of a run's identity)
+OmegaConf.register_new_resolver("batch_tag", lambda b: "" if b in (None, 1) else f"_b{b}", replace=True)
 schema.register()
 
 
@@ -211,42 +211,47 @@ def decode_run(cfg: DictConfig | Mapping[str, Any], *, adapter: Any = None,
     conf["fingerprint"] = {"prompts": prompts_fingerprint(all_prompts), "weights": weights_fingerprint(conf["model"])}
     # 1. Check everything that can be wrong before anything is written: prompts, sampling, decoder, the
     #    out_dir, the run dir's configuration and (when there is work) the model.
+    schema.check_counts(conf)
     prompts = apply_limit(all_prompts, conf["prompts"].get("limit"))
     per_prompt = int(conf["prompts"].get("images_per_prompt", 1))
     sampling = SamplingConfig(**conf["sampling"])
     schema.check_decoder(conf["decoder"])
-    batch_size = conf.get("batch_size", 1)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UserError(f"batch_size must be an integer >= 1 (prompts decoded together), got {batch_size!r}")
     if generate_fn is None:
         from decode.api import generate as generate_fn
     shard_cfg = conf.get("shard") or {}
     shard = resolve_shard(shard_cfg.get("index"), shard_cfg.get("count"))
-    run_dir = Path(conf["out_dir"])
-    check_writable(run_dir)
+    run_dir = check_out_dir(conf["out_dir"])  # a new, empty or run dir; never a user's folder or the checkout
     force = bool(conf["force"])
     if not force:
         check_same_config(run_dir, conf)
-    todo_all, _ = _todo(prompts, per_prompt, shard, finished(run_dir) if run_dir.is_dir() else set())
-    if todo_all and adapter is None:
-        from models import load_adapter
+    # the work list as it will be once the run dir is taken: force on another configuration starts it over
+    fresh = not run_dir.is_dir() or (force and bool(config_diffs(run_dir, conf)))
+    todo_all, _ = _todo(prompts, per_prompt, shard, set() if fresh else finished_with_images(run_dir))
 
-        select_local_gpu()
-        adapter = load_adapter(conf["model"])
-    if todo_all:
+    def load_and_check(todo: list[tuple[Prompt, int]]) -> None:
+        nonlocal adapter
+        if adapter is None:
+            from models import load_adapter
+
+            select_local_gpu()
+            adapter = load_adapter(conf["model"])
         check_trained_for(conf, adapter)
-        check_prompt_lengths(list({p.idx: p for p, _ in todo_all}.values()), adapter, conf["model"].get("name"))
-    # 2. The run dir: write config.yaml, repair a torn last line, find the finished images.
-    prepare_run_dir(run_dir, conf, force=force)
+        check_prompt_lengths(list({p.idx: p for p, _ in todo}.values()), adapter, conf["model"].get("name"))
+
+    checked = bool(todo_all)
+    if checked:
+        load_and_check(todo_all)
+    # 2. Take the run dir (decode/ownership.py): locks, force's move, config.yaml, torn line, missing images.
     records_path = run_dir / samples_name(*shard)
-    with shard_lock(records_path):  # one writer per shard: a second process fails here at once
-        read_records(records_path, repair=True)
-        todo_all, n_mine = _todo(prompts, per_prompt, shard, finished(run_dir))
+    with claim_run_dir(run_dir, conf, force, records_path, shard):  # holds this shard's lock until decoded
+        todo_all, n_mine = _todo(prompts, per_prompt, shard, finished(run_dir))  # after the move and repairs
         max_images = conf.get("max_images")
         todo = todo_all if max_images is None else todo_all[: int(max_images)]
         # 3. Decode.
         n_decoded = 0
         if todo:
+            if not checked:  # work that appeared meanwhile (an image deleted since): the model is needed
+                load_and_check(todo)
             n_decoded = decode_images(conf, todo, run_dir, records_path, shard, per_prompt, sampling, adapter,
                                       generate_fn)
     if conf["prompts"].get("geneval_folder"):
@@ -256,6 +261,11 @@ def decode_run(cfg: DictConfig | Mapping[str, Any], *, adapter: Any = None,
 
 @one_line_errors
 def _run_and_report(cfg: DictConfig) -> None:
+    if cfg.get("dry_run"):
+        from decode.dryrun import dry_run
+
+        dry_run(OmegaConf.to_container(cfg, resolve=True))
+        return
     summary = decode_run(cfg)
     print(f"{summary.out_dir}: {summary.n_decoded} decoded, {summary.n_skipped} already there, "
           f"{summary.n_images} in shard {summary.shard[0]}/{summary.shard[1]}")

@@ -111,6 +111,9 @@ class DecodeStage:
     max_images: int | None = None
     progress: bool = True
     force: bool = False
+    dry_run: bool = False
+    gpu_memory_gb: float = 80.0
+    dry_run_prompt_tokens: int | None = None
 
 
 def check_decoder(decoder_cfg: Mapping[str, Any]) -> Any:
@@ -126,6 +129,26 @@ def check_decoder(decoder_cfg: Mapping[str, Any]) -> Any:
         valid = [f for f in cls.__dataclass_fields__ if f != "name"]
         raise ValueError(f"unknown option(s) {unknown} for decoder {name!r}; valid options: {valid}")
     return cls(**cfg)
+
+
+def check_counts(conf: Mapping[str, Any]) -> None:
+    """The stage's counts and sizes (the decoder's and sampling's own classes check theirs), before any file."""
+    from core.config import check_count, check_device_dtype
+
+    prompts, shard = conf.get("prompts") or {}, conf.get("shard") or {}
+    check_count("batch_size", conf.get("batch_size", 1), 1, meaning="prompts decoded together")
+    check_count("max_images", conf.get("max_images"), 0, none_ok=True, meaning="new images this invocation decodes")
+    check_count("prompts.limit", prompts.get("limit"), 1, none_ok=True, meaning="the first N prompts")
+    check_count("prompts.images_per_prompt", prompts.get("images_per_prompt", 1), 1, meaning="images per prompt")
+    if "n" in prompts:
+        check_count("prompts.n", prompts.get("n"), 1, meaning="captions drawn from the set")
+    check_count("shard.index", shard.get("index"), 0, none_ok=True, meaning="this process's rank")
+    check_count("shard.count", shard.get("count"), 1, none_ok=True, meaning="the number of shards")
+    size = (conf.get("model") or {}).get("image_size")
+    if size is not None:
+        check_count("model.image_size", size, 1, meaning="pixels per side")
+    if not conf.get("dry_run"):  # a plan is for the GPUs of another machine
+        check_device_dtype(conf.get("model") or {})
 
 
 def register() -> None:

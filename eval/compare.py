@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from eval.images import per_image_path
+from eval.rundata import check_not_self, check_seeds
 
 PROTOCOL = ("paired by (seed, idx, sample); cluster bootstrap over prompts (idx), the same resample for run "
             "and baseline, each metric's summary statistic recomputed per resample; percentile interval")
@@ -158,13 +159,10 @@ def _image_rows(run: Any, metric: str, source: Source) -> list[Mapping[str, Any]
 
 def group_values(group: Sequence[Any], metric: str) -> dict[Key, tuple[float, Any]]:
     """{(seed, idx, sample): (value, group label)} over a row's run dirs; one dir per seed."""
-    source, out, seeds = METRICS[metric], {}, {}
+    source, out = METRICS[metric], {}
+    check_seeds(group)
     for run in group:
         seed = run.config.get("seed")
-        if seed in seeds:
-            raise ValueError(f"{seeds[seed]} and {run.run_dir} both have seed {seed}: a row holds one run dir "
-                             "per seed (list the setting's dirs decoded with different seed=...)")
-        seeds[seed] = run.run_dir
         for r in _image_rows(run, metric, source):
             key = (seed, int(r["idx"]), int(r.get("sample", 0)))
             out.setdefault(key, (source.value(r), r.get(source.group) if source.group else None))
@@ -238,15 +236,18 @@ def _set_level(group: Sequence[Any], base: Sequence[Any], metric: str) -> dict[s
             "note": SET_LEVEL[metric]}
 
 
-def _available(groups: Sequence[Sequence[Any]], metric: str) -> bool:
-    """Whether any dir can give ``metric`` (for the default list; a dir then lacking it is refused)."""
+def _available(groups: Sequence[Sequence[Any]], metric: str,
+               will_write: Callable[[Any, str], bool] | None = None) -> bool:
+    """Whether any dir can give ``metric`` (for the default list; a dir then lacking it is refused);
+    ``will_write(run, file)``: the eval about to run writes that per-image file (eval/compare_checks.py)."""
     source = METRICS[metric]
     runs = [r for g in groups for r in g]
     if source.file is None:
         batched = metric.startswith("latency") and any(int(x.get("batch_size") or 1) > 1 for r in runs
                                                        for x in r.records)
         return not batched and all(r.records and "n_forwards" in r.records[0] for r in runs)
-    return any(per_image_path(r.run_dir, source.file).is_file() for r in runs)
+    return any(per_image_path(r.run_dir, source.file).is_file() or (will_write and will_write(r, source.file))
+               for r in runs)
 
 
 def _check_prompt_sets(groups: Sequence[Sequence[Any]], base: Sequence[Any]) -> None:
@@ -270,6 +271,7 @@ def paired_comparison(runs: Sequence[Any], baseline: Any, metrics: Sequence[str]
     groups = [_as_group(r) for r in runs]
     if not groups:
         raise ValueError("no runs to compare: pass at least one run dir besides the baseline")
+    check_not_self(groups, base)
     if labels is not None and len(labels) != len(groups):
         raise ValueError(f"{len(labels)} labels for {len(groups)} runs: give one label per run")
     if not 0 < level < 1 or n_boot < 1:

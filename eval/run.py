@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 
 from core.errors import one_line_errors
 from core.rundir import CONF_DIR, CONFIG_FILE, atomic_write_bytes, sample_files
-from eval import schema
+from eval import checks, schema
 from eval.rundata import RunData, load_run
 
 SCORES_FILE = "scores.json"
@@ -187,7 +187,8 @@ def evaluate_run(run_dir: str | Path, metrics: Sequence[str], options: Mapping[s
 
 
 def table_dir_for(run_dirs: Sequence[Path], table_dir: str | None) -> Path:
-    """Where the tables go: ``table_dir``, else the run dir itself, else the run dirs' common parent."""
+    """Where the tables go: ``table_dir``, else the run dir itself, else the run dirs' common parent (a
+    comparison's: its own folder, :func:`eval.checks.comparison_dir`)."""
     if table_dir:
         return Path(table_dir)
     if len(run_dirs) == 1:
@@ -216,6 +217,7 @@ def evaluate(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
 
     # typed once (eval/schema.py): a config from code gets the same checks and defaults as the command line
     cfg = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(schema.EvalStage), cfg), resolve=True)
+    checks.check_numbers(cfg)
     metrics = list(cfg["eval"]["metrics"])
     for name in metrics:  # fail on a typo before scoring anything
         resolve_metric(name)
@@ -224,11 +226,17 @@ def evaluate(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
     listed = [str(d) for d in base_dirs] + [str(d) for g in groups for d in g]
     run_dirs = expand_run_dirs(cfg.get("run_dir"), list(cfg.get("run_dirs") or []) + listed)
     runs = [load_run(d) for d in run_dirs]
+    if base_dirs:  # a refused comparison writes nothing: every refusal it knows is made before scoring
+        by_dir = {r.run_dir: r for r in runs}
+        checks.check_comparison([[by_dir[d] for d in g] for g in groups], [by_dir[d] for d in base_dirs],
+                                cmp["metrics"], cmp["n_boot"], cmp["level"],
+                                lambda run, name: name in metrics and METRICS[name].applies(run))
     for run in runs:  # every run complete (or partial allowed) before any scoring starts
         check_complete(run, cfg["allow_partial"])
     all_scores = [evaluate_run(r.run_dir, metrics, cfg["eval"].get("options"), cfg["allow_partial"]) for r in runs]
     header, rows = tables.build_table(all_scores)
-    out = table_dir_for(run_dirs, cfg.get("table_dir"))
+    out = checks.comparison_dir(base_dirs, groups) if base_dirs and not cfg.get("table_dir") else \
+        table_dir_for(run_dirs, cfg.get("table_dir"))
     out.mkdir(parents=True, exist_ok=True)
     written = tables.write_tables(header, rows, out / cfg["name"], cfg["formats"])
     print(tables.to_markdown(header, rows))

@@ -6,6 +6,8 @@ decode is recorded apart as ``image_decode_s``), timed between synchronised time
 A run with any image decoded in a batch (``batch_size > 1``, :mod:`decode.loop`) has no batch-1 latency:
 its latency metrics are left out (so no latency speed-up is derived from it) and its speed is throughput,
 images per second of the decode loop (VQ decode and saving included), summed over loop invocations.
+A run dir holds one batch size (it is part of the run's identity, decode/identity.py); a dir resumed with
+another one before that rule has neither latency nor throughput, and says so in ``speed_note``.
 """
 from __future__ import annotations
 
@@ -70,7 +72,12 @@ def speed_scores(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "batch_size": batch_size(records),
         "throughput_img_s": throughput(records),
     }
-    if out["batch_size"] == 1:
+    sizes = sorted({int(r.get("batch_size") or 1) for r in records})
+    if len(sizes) > 1:  # timings of several batch sizes: neither a latency nor one throughput
+        out["throughput_img_s"] = None
+        out["speed_note"] = (f"images decoded at batch sizes {sizes}: no latency or throughput is reported; decode "
+                             "the run again into a new run dir at one batch_size")
+    elif out["batch_size"] == 1:
         out.update(latency_stats(records))
     else:
         out["latency_note"] = f"batched (batch_size={out['batch_size']}): no batch-1 latency; see throughput_img_s"

@@ -12,7 +12,8 @@
 # janus* -> sjd2_janus_pro); pass train=<name> to choose another. The script only
 # forwards arguments: everything else is a Hydra override of conf/train.yaml. Rerunning the same command
 # resumes from the newest checkpoint in run_dir. global_batch must be divisible by NPROC x micro_batch.
-# Env: PY (python, default .venv/bin/python), TORCHRUN_ARGS (extra torchrun flags).
+# Env: PY (python, default .venv/bin/python), TORCHRUN_ARGS (extra torchrun flags),
+# DRY_RUN=1 (print the plan for NPROC GPUs and exit: `make finetune MODEL=lumina_mgpt DRY_RUN=1`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -45,6 +46,9 @@ fi
 PY=${PY:-.venv/bin/python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export WANDB_MODE=${WANDB_MODE:-disabled}
+if [[ ${DRY_RUN:-0} == 1 ]]; then  # the plan for NPROC GPUs (train/dryrun.py): one process, nothing loaded
+    exec "$PY" -m train model="$MODEL" "${RECIPE[@]}" dry_run=true gpus="$NPROC" "$@"
+fi
 # shellcheck disable=SC2086
 exec "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" ${TORCHRUN_ARGS:-} \
     -m train model="$MODEL" "${RECIPE[@]}" "$@"

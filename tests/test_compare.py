@@ -192,11 +192,13 @@ def test_refusals(tmp_path):
     with pytest.raises(ValueError, match="run python -m eval on it first"):  # the default list: one dir scored
         paired_comparison([unscored], base)
     with pytest.raises(ValueError, match="one run dir per seed"):
-        paired_comparison([[base, write_run(tmp_path / "dup", c)]], base)
+        paired_comparison([[write_run(tmp_path / "dup0", c), write_run(tmp_path / "dup", c)]], base)
     with pytest.raises(ValueError, match="known:"):
-        paired_comparison([base], base, metrics=["shapes_score"])
+        paired_comparison([unscored], base, metrics=["shapes_score"])
     with pytest.raises(ValueError, match="no per_image_geneval"):
-        paired_comparison([base], base, metrics=["geneval_overall"])
+        paired_comparison([unscored], base, metrics=["geneval_overall"])
+    with pytest.raises(ValueError, match=r"includes the baseline .*compared with itself"):
+        paired_comparison([[write_run(tmp_path / "s1", c, seed=1), base]], base)
     for call in (lambda: paired_comparison([coco], base), lambda: paired_comparison([unscored], base)):
         with pytest.raises(ValueError) as e:
             call()

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.config import check_count
 from models.noisy import NoiseConfig
 from train.noising import NoiseLayoutConfig
 from train.objective import ObjectiveConfig
@@ -35,6 +36,11 @@ class OptimConfig:
             raise ValueError(f"unknown lr schedule {self.schedule!r}; pick one of {SCHEDULES}")
         if self.lr <= 0 or self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"need lr > 0, warmup_steps >= 0, 0 <= min_lr_ratio <= 1; got {self}")
+        if not self.eps > 0 or not self.weight_decay >= 0 or not self.grad_clip >= 0:
+            raise ValueError(f"train.optim: need eps > 0, weight_decay >= 0 and grad_clip >= 0 (0: no clipping); got "
+                             f"eps={self.eps}, weight_decay={self.weight_decay}, grad_clip={self.grad_clip}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"train.optim.betas={list(self.betas)}: give two numbers in [0, 1) (AdamW's beta1, beta2)")
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.source not in DATA_SOURCES:
             raise ValueError(f"unknown train.data.source {self.source!r}; pick one of {DATA_SOURCES}")
+        check_count("train.data.n_examples", self.n_examples, 1, meaning="examples of source=shapes|random")
+        check_count("train.data.limit", self.limit, 1, none_ok=True, meaning="the first N records")
 
 
 @dataclass(frozen=True)
@@ -83,8 +91,14 @@ class TrainConfig:
             raise ValueError(f"unknown engine {self.engine!r}; pick one of {ENGINES}")
         if self.micro_batch < 1 or self.global_batch < 1:
             raise ValueError(f"micro_batch and global_batch must be >= 1, got {self.micro_batch}, {self.global_batch}")
+        check_count("train.max_steps", self.max_steps, 0, meaning="optimizer steps; 0: epochs decide")
+        check_count("train.epochs", self.epochs, 0, meaning="passes over the data")
         if self.epochs < 1 and self.max_steps < 1:
             raise ValueError("set epochs >= 1 or max_steps >= 1")
+        check_count("train.log_every", self.log_every, 1, meaning="steps between loss.csv rows")
+        check_count("train.ckpt_every", self.ckpt_every, 0, meaning="steps between checkpoints; 0: the last only")
+        check_count("train.keep_checkpoints", self.keep_checkpoints, 1, meaning="newest checkpoints kept")
+        check_count("train.stop_after_steps", self.stop_after_steps, 0, meaning="0: off")
 
 
 def train_config_from_dict(raw: dict[str, Any]) -> TrainConfig:

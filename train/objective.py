@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from core.config import check_count
 from models.noisy import EmbeddingNorm, NoiseConfig, TimestepMLP, make_signal, noisy_embedding
 from train.noising import IGNORE
 
@@ -47,6 +48,10 @@ class ObjectiveConfig:
     #                           cfg_scale); costs an unconditional forward of model and teacher per micro-batch
 
     def __post_init__(self) -> None:
+        if not self.z_loss >= 0:
+            raise ValueError(f"train.objective.z_loss={self.z_loss} must be >= 0 (0 disables the z-loss)")
+        check_count("train.objective.loss_chunk_tokens", self.loss_chunk_tokens, 0, meaning="0: no chunking")
+        check_count("train.objective.timestep_mlp_width", self.timestep_mlp_width, 1, meaning="hidden width")
         if self.distill < 0 or self.distill_cfg < 0:
             raise ValueError(f"objective.distill and distill_cfg must be >= 0, got {self.distill}, {self.distill_cfg}")
         if self.distill_cfg > 0 and self.distill == 0:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from core.config import compose_config, flatten
+from core.config import check_device_dtype, compose_config, flatten
 from core.errors import UserError, one_line_errors
 from core.rundir import CONF_DIR
 from train.config import DATA_SOURCES, DataConfig, train_config_from_dict
@@ -154,14 +154,22 @@ def _main(cfg: DictConfig) -> None:
     run(cfg)
 
 
-def run(cfg: DictConfig) -> FitResult:
-    """The stage as a function (tests call it with a composed config)."""
+def run(cfg: DictConfig) -> FitResult | None:
+    """The stage as a function (tests call it with a composed config); ``dry_run=true``: the plan only."""
     from models import load_adapter
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     train_cfg = train_config_from_dict(resolved["train"])
+    if resolved.get("dry_run"):
+        from train.dryrun import dry_run
+
+        gpus = resolved.get("gpus") or int(os.environ.get("WORLD_SIZE", "1"))
+        dry_run(resolved["model"], train_cfg, gpus, float(resolved["gpu_memory_gb"]), int(resolved["nodes"]),
+                resolved.get("dry_run_records"))
+        return None
     run_dir = Path(cfg.run_dir)
     model_cfg = model_config_for_rank(resolved["model"])
+    check_device_dtype(model_cfg)
     check_resume(run_dir, resolved, bool(cfg.resume), bool(cfg.allow_resume_change))
     if train_cfg.data.source == "shapes" and resolved["model"].get("family") != "tiny":
         raise UserError(f"train.data.source=shapes is the embedded shapes world, made for the tiny models' VQ; "

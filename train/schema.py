@@ -64,6 +64,11 @@ class TrainStage:
     resume: bool = True
     allow_resume_change: bool = False
     progress: bool = True
+    dry_run: bool = False
+    gpus: int | None = None
+    nodes: int = 1
+    gpu_memory_gb: float = 80.0
+    dry_run_records: int | None = None
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
