@@ -99,8 +99,8 @@ def forward_times(adapter: Any, text: str, lengths: tuple[int, ...], reps: int =
                            "forward_s": {}}
     for n in lengths:
         codes = torch.randint(adapter.layout.code_start, adapter.layout.code_stop, (1, n), generator=gen)
-        embeds = adapter.embed(codes.expand(streams, n))
-        grown = torch.cat([mask, torch.ones(streams, n, dtype=mask.dtype)], dim=1)
+        embeds = adapter.embed(codes.expand(streams, n).to(ids.device))
+        grown = torch.cat([mask, torch.ones(streams, n, dtype=mask.dtype, device=mask.device)], dim=1)
 
         def step(embeds=embeds, grown=grown, n=n):
             logits, c = adapter.forward(embeds, cache, grown)

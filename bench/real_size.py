@@ -62,7 +62,7 @@ def scratch_dir(arg: str | None) -> Path:
     return root
 
 
-def write(targets: list[Target], scratch: Path, layers: int | None = None) -> None:
+def write(targets: list[Target], scratch: Path, layers: int | None = None, intermediate: int | None = None) -> None:
     from dataclasses import replace
 
     from bench.published_emu3 import write_emu3
@@ -72,6 +72,8 @@ def write(targets: list[Target], scratch: Path, layers: int | None = None) -> No
         sizes: LmSizes = LUMINA_7B if t.key == "lumina" else EMU3_8B
         if layers:
             sizes = replace(sizes, num_hidden_layers=layers)
+        if intermediate:
+            sizes = replace(sizes, intermediate_size=intermediate)
         t0 = time.perf_counter()
         if t.key == "lumina":
             write_lumina(scratch / t.folder, sizes)
@@ -196,6 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", "--model", default="lumina,emu3", help="lumina, emu3 or both (comma-separated)")
     p.add_argument("--scratch", default=None, help="folder for the checkpoints and runs (outside the repo)")
     p.add_argument("--layers", type=int, default=None, help="write: fewer decoder layers (real width)")
+    p.add_argument("--intermediate", type=int, default=None,
+                   help="write: a smaller MLP width (the 2-process fine-tune of bench/real_width_finetune.sh)")
     p.add_argument("--image-size", type=int, default=None, help="model.image_size (default: the reduced size)")
     p.add_argument("--lengths", default="1,16,96,128", help="measure: window lengths timed (inputs per stream)")
     p.add_argument("--decoders", default="ar,sjd,sjd2", help="decode: which of ar, sjd, sjd2")
@@ -207,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyError as err:
         raise SystemExit(f"error: unknown model {err} (use lumina, emu3)") from None
     if args.step == "write":
-        write(targets, scratch, args.layers)
+        write(targets, scratch, args.layers, args.intermediate)
         return
     for t in targets:
         size = args.image_size or t.image_size

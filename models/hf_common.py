@@ -42,13 +42,14 @@ class RandomSizes:
     num_hidden_layers: int = 2
     num_attention_heads: int = 2
     max_position_embeddings: int = 4096
+    num_key_value_heads: int | None = None  # None: multi-head attention (as many as num_attention_heads)
 
     def text_config(self, vocab_size: int, bos_token_id: int, eos_token_id: int, pad_token_id: int) -> dict:
-        """The transformers text-config keys these sizes fix (multi-head attention: as many KV heads)."""
+        """The transformers text-config keys these sizes fix (KV heads: ``num_key_value_heads`` or MHA)."""
         return {
             "vocab_size": vocab_size, "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
             "num_hidden_layers": self.num_hidden_layers, "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_attention_heads, "max_position_embeddings": self.max_position_embeddings,
+            "num_key_value_heads": self.num_key_value_heads or self.num_attention_heads, "max_position_embeddings": self.max_position_embeddings,
             "bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id,
         }
 

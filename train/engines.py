@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +135,9 @@ class DeepSpeedEngine:
     def __init__(self, module: NoisyLM, cfg: TrainConfig, total: int, ds_config: dict):
         import deepspeed
 
+        # DeepSpeed 0.19 calls all_gather_into_tensor / reduce_scatter_tensor, which torch 2.13 deprecates:
+        # one FutureWarning per parameter gather would bury the loss lines
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
         o = cfg.optim
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=_adamw(module, o), config=ds_config,
