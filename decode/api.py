@@ -50,6 +50,7 @@ DECODERS: dict[str, Callable[..., DecodeResult]] = {
     "ar": ar_decode,
     "sjd": sjd_decode,
     "sjd2": LazyDecoder("decode.sjd2:sjd2_decode"),
+    "sjd_pac": LazyDecoder("decode.sjd_pac:sjd_pac_decode"),
 }
 
 # the same decoders as step coroutines (decode.batch), for batched decoding
@@ -57,6 +58,7 @@ STEPS: dict[str, Callable[..., Any]] = {
     "ar": ar_steps,
     "sjd": sjd_steps,
     "sjd2": LazyDecoder("decode.sjd2:sjd2_steps"),
+    "sjd_pac": LazyDecoder("decode.sjd_pac:sjd_pac_steps"),
 }
 
 
