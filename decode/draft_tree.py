@@ -111,18 +111,15 @@ def accept_siblings(
 
 
 def verify_tree(
-    tree: DraftTree, p: torch.Tensor, q: torch.Tensor, tokens: list[int], generator: torch.Generator,
-    siblings=None,
+    tree: DraftTree, p: torch.Tensor, q: torch.Tensor, tokens: list[int], generator: torch.Generator
 ) -> tuple[list[int], torch.Tensor]:
     """Walk the tree (module docstring). p: [L, V] one target row per input (the distribution of its
     children's position); q: [k, V] the draft distribution of each depth 1..k; tokens: the input ids.
-    Returns (the accepted inputs from depth 1 down, the committed token after them [1]).
-    ``siblings``: the sibling test (default :func:`accept_siblings`; tests swap in broken ones)."""
-    siblings = siblings or accept_siblings
+    Returns (the accepted inputs from depth 1 down, the committed token after them [1])."""
     node, path = 0, []
     while tree.children[node]:
         kids = tree.children[node]
-        picked, token = siblings(p[node], q[tree.depth[node]], [tokens[j] for j in kids], generator)
+        picked, token = accept_siblings(p[node], q[tree.depth[node]], [tokens[j] for j in kids], generator)
         if picked is None:
             return path, token
         node = kids[picked]
