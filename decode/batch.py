@@ -20,6 +20,11 @@ layout constraints and drafts; the driver owns only the model's cache and attent
   slot at once: the next job takes its streams (their old entries masked out) and sends its prompt as its
   first request in the next batched forward (continuous refill), so a batch never waits for its slowest
   row. Per row the result equals batch 1 up to float round-off of the batched matmuls.
+
+A draft tree (SJD-PAC) asks with ``Forward.tree`` (which of its inputs each input attends) and keeps any
+subset of its last inputs with ``Forward.keep``: batch 1 moves the kept entries in place
+(``adapter.keep_tail``) and passes a per-input mask [S, L, T] with positions column + depth; batched,
+the dropped inputs become holes like any drop and the per-input mask covers every stream.
 """
 from __future__ import annotations
 

@@ -138,13 +138,3 @@ def stale_targets(tree: DraftTree, stop: int, k: int) -> list[int]:
         out.append(node)
     return out
 
-
-def couple(p: torch.Tensor, q: torch.Tensor, draft: int, generator: torch.Generator) -> torch.Tensor:
-    """Maximal coupling of an old draft with a new target: keep ``draft`` (drawn from ``q`` [V]) iff
-    ``r < p(draft) / q(draft)``, else draw from ``normalize(max(0, p - q))``; either way the token [1]
-    follows ``p`` [V]."""
-    r = float(torch.rand(1, generator=generator, device=generator.device))
-    q_x = float(q[draft])
-    if q_x > 0 and r < float(p[draft]) / q_x:
-        return torch.tensor([draft], device=p.device)
-    return sample(residual(p, q)[None], generator)

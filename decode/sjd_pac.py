@@ -74,9 +74,9 @@ def new_slots(layout: ImageLayout, start: int, stop: int, vocab_size: int, gener
 
 def couple_rows(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, generator: torch.Generator) -> tuple[
         torch.Tensor, torch.Tensor]:
-    """Maximal coupling per row (:func:`decode.draft_tree.couple`, vectorised): keep ``drafts`` [m] (drawn
-    from q [m, V]) where ``r < p(d) / q(d)``, else a draw from ``normalize(max(0, p - q))``. Returns (the
-    tokens [m], which ones were kept [m] bool); each token follows its row of p."""
+    """Maximal coupling of old drafts with new targets, per row: keep ``drafts`` [m] (drawn from q [m, V])
+    where ``r < p(d) / q(d)``, else a draw from ``normalize(max(0, p - q))``. Returns (the tokens [m],
+    which ones were kept [m] bool); either way each token follows its row of p."""
     index = drafts[:, None]
     p_d, q_d = p.gather(1, index)[:, 0], q.gather(1, index)[:, 0]
     r = torch.rand(drafts.numel(), generator=generator, device=generator.device).to(p.device)
