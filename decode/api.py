@@ -50,6 +50,7 @@ DECODERS: dict[str, Callable[..., DecodeResult]] = {
     "ar": ar_decode,
     "sjd": sjd_decode,
     "sjd2": LazyDecoder("decode.sjd2:sjd2_decode"),
+    "sjd_pac": LazyDecoder("decode.sjd_pac:sjd_pac_decode"),
 }
 DECODERS.update(scd=sjd_decode, gsd=sjd_decode)  # SCD and GSD: the SJD loop with coupling / grouped acceptance
 
@@ -58,6 +59,7 @@ STEPS: dict[str, Callable[..., Any]] = {
     "ar": ar_steps,
     "sjd": sjd_steps,
     "sjd2": LazyDecoder("decode.sjd2:sjd2_steps"),
+    "sjd_pac": LazyDecoder("decode.sjd_pac:sjd_pac_steps"),
 }
 STEPS.update(scd=sjd_steps, gsd=sjd_steps)
 

@@ -100,11 +100,29 @@ class Sjd2Options:
         sjd2.noise_config(**vars(self))  # the noise options as the NoiseConfig training used
 
 
+@dataclass
+class SjdPacOptions:
+    """``decoder=sjd_pac`` (conf/decoder/sjd_pac.yaml documents each option and its provenance)."""
+
+    name: str = "sjd_pac"
+    window: int = 64
+    tree_width: int = 3
+    tree_depth: int = 3
+    continuation: bool = True
+    jacobi_region: str = "image"
+
+    def __post_init__(self) -> None:
+        from decode import sjd_pac
+
+        sjd_pac.validate_options(self.window, self.tree_width, self.tree_depth, self.jacobi_region)
+
+
 # options the decode stage reads itself (checked before the run dir is written); not decoder arguments
 STAGE_OPTIONS = frozenset({"name", "allow_untrained"})
 
 DECODER_OPTIONS: dict[str, type] = {"ar": ArOptions, "sjd": SjdOptions, "sjd2": Sjd2Options}
 DECODER_OPTIONS.update(scd=ScdOptions, gsd=GsdOptions)
+DECODER_OPTIONS["sjd_pac"] = SjdPacOptions
 
 
 # The composed ``sampling:`` node: SamplingConfig's fields and types, mutable (the frozen SamplingConfig
