@@ -17,16 +17,16 @@ from eval.compare import PROTOCOL, bootstrap_diff, compare_metric, group_values
 
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 PAIRS = (("scd_maximal", "sjd_w64"), ("scd_gumbel", "sjd_w64"), ("scd_maximal", "sjd"), ("scd_gumbel", "sjd"),
-         ("sjd_w64", "sjd"), ("gsd", "sjd"), ("gsd_no_dist", "sjd"), ("sjd_pac", "sjd"), ("sjd2_maximal", "sjd2"),
+         ("sjd_w64", "sjd"), ("gsd", "sjd"), ("gsd_no_dist", "sjd"), ("sjd_pac", "sjd"), ("sjd_pac_k4", "sjd"),
+         ("sjd_pac_k4", "sjd_pac"), ("sjd2_maximal", "sjd2"),
          ("sjd2_gumbel", "sjd2"), ("sjd2_lossless_maximal", "sjd2_lossless"),
          ("sjd2_lossless_gumbel", "sjd2_lossless"), ("sjd2_lossless", "sjd2"))
 
 
-def load_groups(rows: Sequence[Any], seeds: Sequence[int], out: Path) -> dict[str, list[Any]]:
-    from bench.decoder_table import run_dir
+def load_groups(dirs: Mapping[str, Sequence[Path]]) -> dict[str, list[Any]]:
     from eval.rundata import load_run
 
-    return {r.label: [load_run(run_dir(out, r, s)) for s in seeds] for r in rows}
+    return {label: [load_run(d) for d in ds] for label, ds in dirs.items()}
 
 
 def category_diffs(group: Sequence[Any], base: Sequence[Any], n_boot: int = 10000) -> dict[str, dict[str, float]]:
@@ -91,9 +91,9 @@ def _verdict(d: Mapping[str, Any]) -> str:
 def markdown(stats: Sequence[Mapping[str, Any]], pairs: Sequence[Mapping[str, Any]], evidence: Mapping[str, str],
              header: str) -> str:
     sjd = next((s for s in stats if s["label"] == "sjd"), None)
-    lines = [header, "", "| row | model | setting | training-free | lossless | step compression [95% CI] | x SJD w16 | "
-             "latency / image | speed-up vs its AR | shapes | diff to its AR [95% CI] | verdict |",
-             "|" + "---|" * 12]
+    lines = [header, "", ("| row | model | setting | training-free | lossless | step compression [95% CI] | x SJD w16 | "
+             "latency / image | speed-up vs its AR | images | shapes | diff to its AR [95% CI] | verdict |"),
+             "|" + "---|" * 13]
     for s in stats:
         sc, q = s["step_compression"], s["shapes"]
         x_sjd = f"{sc['value'] / sjd['step_compression']['value']:.2f}x" if sjd else ""
@@ -101,10 +101,10 @@ def markdown(stats: Sequence[Mapping[str, Any]], pairs: Sequence[Mapping[str, An
         lines.append(
             f"| `{s['label']}` | {s['model']} | {s['note']} | {_yn(s['training_free'])} | {_yn(s['lossless'])} | "
             f"{sc['value']:.2f}" + ("" if base else f" [{sc['ci_low']:.2f}, {sc['ci_high']:.2f}]") + f" | {x_sjd} | "
-            f"{s['latency_s']:.2f} s | {s['baseline_latency_s'] / s['latency_s']:.2f}x | {q['value']:.3f} | "
+            f"{s['latency_s']:.2f} s | {s['baseline_latency_s'] / s['latency_s']:.2f}x | {s['n_images']} | {q['value']:.3f} | "
             + ("" if base else f"{_ci(q)} | {_verdict(q)}") + (" |" if not base else " |  |"))
-    lines += ["", "Per GenEval category: difference of the share correct to the model's AR [95% CI] (about 33 prompts x "
-              "3 seeds each); **bold** where the interval lies below 0 (the category pays for the speed).", "",
+    lines += ["", ("Per GenEval category: difference of the share correct to the model's AR [95% CI] (about 33 prompts x "
+              "the row's seeds each); **bold** where the interval lies below 0 (the category pays for the speed)."), "",
               "| row | " + " | ".join(CATEGORIES) + " |", "|" + "---|" * (len(CATEGORIES) + 1)]
     for s in stats:
         if not s["categories"]:
@@ -152,9 +152,11 @@ def plot(stats: Sequence[Mapping[str, Any]], out_png: Path) -> Path:
     return save_figure(fig, out_png)
 
 
-def report(rows: Sequence[Any], seeds: Sequence[int], out: Path, stem: Path, evidence: Mapping[str, str]) -> str:
-    """Compute every row's statistics, write ``stem.md``, ``stem.json`` and ``stem.png``; return the Markdown."""
-    groups = load_groups(rows, seeds, out)
+def report(rows: Sequence[Any], dirs: Mapping[str, Sequence[Path]], seeds: Sequence[int], stem: Path,
+           evidence: Mapping[str, str]) -> str:
+    """Every row's statistics (``dirs``: a row label's run dirs, one per seed); write ``stem.md``, ``stem.json`` and
+    ``stem.png``; return the Markdown."""
+    groups = load_groups(dirs)
     stats = [row_stats(r, groups) for r in rows]
     labels = [r.label for r in rows]
     pairs = [pair_stats(groups, a, b) for a, b in PAIRS if a in labels and b in labels]

@@ -6,13 +6,15 @@ and compared image by image with its own model's AR on the same prompts and seed
 (:mod:`bench.decoder_report`: eval/compare.py's paired cluster bootstrap over prompts). Resumable:
 finished images are kept, a row whose dirs are complete is not decoded again.
 
-Rows are named in :data:`ROWS` (``--rows ar,sjd,scd_maximal,...``); ``sjd_pac`` is added by itself when
-``decode.api.DECODERS`` has it. ``training_free`` and ``lossless`` are what the decoder is, the latter as
+Rows are named in :data:`ROWS` (``--rows ar,sjd,scd_maximal,...``); ``--full`` names the rows decoded with
+every seed, the others get ``--rest-seeds`` (the table states each row's image count). Dirs are decoded seed
+by seed, so a run stopped early still has every row at its first seed; the report reads what is there. ``training_free`` and ``lossless`` are what the decoder is, the latter as
 proven on the enumerable toy by the tests named in :data:`LOSSLESS_EVIDENCE`.
 
 Usage::
 
-    python -m bench.decoder_table [--rows ar,sjd,...] [--seeds 0,1,2] [--limit N] [--jobs 2] [--out runs/decoders]
+    python -m bench.decoder_table [--rows ar,sjd,...] [--seeds 0,1,2] [--full ar,sjd,...
+    --rest-seeds 0] [--limit N] [--jobs 2] [--out runs/decoders]
 """
 from __future__ import annotations
 
@@ -70,9 +72,12 @@ ROWS: dict[str, Row] = {r.label: r for r in [
     Row("sjd2_lossless_gumbel", "tiny_sjd2", SJD2_PRESET, (*LOSSLESS_CLEAN, "decoder.coupling=gumbel"), False, True,
         "ar_sjd2", "preset, accept_only_clean_inputs, Gumbel coupling"),
 ]}
-SJD_PAC = Row("sjd_pac", "tiny", "sjd_pac", note="draft trees (decode/sjd_pac.py defaults)")
-DEFAULT_ROWS = ("ar", "sjd", "sjd_w64", "scd_maximal", "scd_gumbel", "gsd", "ar_sjd2", "sjd2", "sjd2_maximal",
-                "sjd2_gumbel", "sjd2_lossless", "sjd2_lossless_maximal", "sjd2_lossless_gumbel")
+ROWS.update({r.label: r for r in [
+    Row("sjd_pac", "tiny", "sjd_pac", note="window 64, K=3, D=3 (the code's defaults)"),
+    Row("sjd_pac_k4", "tiny", "sjd_pac_k4", note="window 64, K=4, D=3 (the README's K)"),
+]})
+DEFAULT_ROWS = ("ar", "sjd", "sjd_w64", "scd_maximal", "scd_gumbel", "sjd_pac", "sjd_pac_k4", "gsd", "ar_sjd2", "sjd2",
+                "sjd2_maximal", "sjd2_gumbel", "sjd2_lossless", "sjd2_lossless_maximal", "sjd2_lossless_gumbel")
 LOSSLESS_EVIDENCE = {
     "ar": "reference", "sjd": "tests/test_ar_sjd.py, tests/test_batch.py", "sjd_w64": "as sjd",
     "scd_maximal": "tests/test_coupling.py::test_scd_is_lossless_*", "scd_gumbel": "tests/test_coupling.py::test_scd_*",
@@ -80,32 +85,29 @@ LOSSLESS_EVIDENCE = {
     "sjd2": "lossy by design (accepts noisy-input slots)", "sjd2_maximal": "lossy (as sjd2)",
     "sjd2_gumbel": "lossy (as sjd2)", "sjd2_lossless": "tests/test_sjd2.py, tests/test_batch.py",
     "sjd2_lossless_maximal": "tests/test_coupling.py::test_lossless_sjd2_*",
-    "sjd2_lossless_gumbel": "tests/test_coupling.py::test_lossless_sjd2_*", "sjd_pac": "decode/sjd_pac.py's tests",
+    "sjd2_lossless_gumbel": "tests/test_coupling.py::test_lossless_sjd2_*",
+    "sjd_pac": "tests/test_sjd_pac.py (chi-square at B=1 and B=3, broken sibling test rejected)",
+    "sjd_pac_k4": "as sjd_pac",
 }
 
 
-def registered_decoders() -> set[str]:
-    from decode.api import DECODERS
-
-    return set(DECODERS)
-
-
 def resolve_rows(names: Sequence[str] | None) -> list[Row]:
-    """The rows to run: ``names`` (``sjd_pac`` known once registered), else the defaults plus ``sjd_pac`` when
-    ``decode.api`` registers it; every row's baseline is added in front."""
-    known = dict(ROWS)
-    if "sjd_pac" in registered_decoders():
-        known["sjd_pac"] = SJD_PAC
-    wanted = list(names) if names else [*DEFAULT_ROWS, *(["sjd_pac"] if "sjd_pac" in known else [])]
-    unknown = [n for n in wanted if n not in known]
+    """The rows to run (default :data:`DEFAULT_ROWS`); every row's baseline is added in front."""
+    wanted = list(names) if names else list(DEFAULT_ROWS)
+    unknown = [n for n in wanted if n not in ROWS]
     if unknown:
-        raise SystemExit(f"error: unknown row(s) {unknown} (pick from {sorted(known)})")
+        raise SystemExit(f"error: unknown row(s) {unknown} (pick from {sorted(ROWS)})")
     out: list[str] = []
     for n in wanted:
-        for m in (known[n].baseline, n):
+        for m in (ROWS[n].baseline, n):
             if m not in out:
                 out.append(m)
-    return [known[n] for n in out]
+    return [ROWS[n] for n in out]
+
+
+def row_seeds(row: Row, seeds: Sequence[int], full: Sequence[str] | None, rest_seeds: Sequence[int]) -> list[int]:
+    """A row's seeds: all of ``seeds`` for the rows in ``full`` (None: every row), else ``rest_seeds``."""
+    return list(seeds) if full is None or row.label in full or row.label == row.baseline else list(rest_seeds)
 
 
 def run_dir(out: Path, row: Row, seed: int) -> Path:
@@ -138,12 +140,18 @@ def complete(path: Path, limit: int | None) -> bool:
     return n >= (limit or 200)
 
 
-def decode_all(rows: Sequence[Row], seeds: Sequence[int], out: Path, limit: int | None, jobs: int) -> None:
-    todo = [(r, s) for r in rows for s in seeds if not complete(run_dir(out, r, s), limit)]
-    print(f"[decoders] {len(todo)} of {len(rows) * len(seeds)} (row, seed) dirs to decode, {jobs} at a time", flush=True)
+def decode_all(plan: Sequence[tuple[Row, int]], out: Path, limit: int | None, jobs: int) -> None:
+    """Decode the (row, seed) dirs of ``plan`` not yet complete, seed by seed (every row gets its first seed first)."""
+    todo = [(r, s) for r, s in plan if not complete(run_dir(out, r, s), limit)]
+    print(f"[decoders] {len(todo)} of {len(plan)} (row, seed) dirs to decode, {jobs} at a time", flush=True)
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         for name, seconds in pool.map(lambda job: decode_job(*job, out, limit), todo):
             print(f"[decoders] {name}: decoded in {seconds:.0f} s", flush=True)
+
+
+def decoded_seeds(row: Row, seeds: Sequence[int], out: Path) -> list[int]:
+    """The seeds of ``row`` with a run dir holding images (a run cut short counts with the images it has)."""
+    return [s for s in seeds if any(run_dir(out, row, s).glob("samples*.jsonl"))]
 
 
 def score_all(rows: Sequence[Row], seeds: Sequence[int], out: Path) -> None:
@@ -151,7 +159,7 @@ def score_all(rows: Sequence[Row], seeds: Sequence[int], out: Path) -> None:
     from eval.run import SCORES_FILE, evaluate_run
 
     for r in rows:
-        for s in seeds:
+        for s in decoded_seeds(r, seeds, out):
             d = run_dir(out, r, s)
             newest = max(f.stat().st_mtime for f in d.glob("samples*.jsonl"))
             if not (d / SCORES_FILE).is_file() or (d / SCORES_FILE).stat().st_mtime < newest:
@@ -162,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", default=None, help=f"comma-separated rows (default: {','.join(DEFAULT_ROWS)} [+ sjd_pac])")
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--full", default=None, help="rows decoded with every seed (default: all); the rest: --rest-seeds")
+    ap.add_argument("--rest-seeds", default="0", help="seeds of the rows not in --full")
     ap.add_argument("--limit", type=int, default=None, help="first N prompts only (smoke runs)")
     ap.add_argument("--jobs", type=int, default=1, help="decode processes at once (1 thread each)")
     ap.add_argument("--out", default="runs/decoders", help="run dirs")
@@ -171,13 +181,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = resolve_rows(a.rows.split(",") if a.rows else None)
     seeds = [int(s) for s in a.seeds.split(",")]
     out = (REPO / a.out) if not Path(a.out).is_absolute() else Path(a.out)
+    full = a.full.split(",") if a.full else None
+    rest = [int(s) for s in a.rest_seeds.split(",")]
+    plan = [(r, s) for s in seeds for r in rows if s in row_seeds(r, seeds, full, rest)]
     if not a.no_decode:
-        decode_all(rows, seeds, out, a.limit, a.jobs)
+        decode_all(plan, out, a.limit, a.jobs)
     score_all(rows, seeds, out)
     from bench.decoder_report import report
 
     stem = Path(a.results) if a.results else REPO / "bench" / "results" / f"decoders_family-{time.strftime('%Y%m%d')}"
-    print(report(rows, seeds, out, stem, LOSSLESS_EVIDENCE))
+    dirs = {r.label: [run_dir(out, r, s) for s in decoded_seeds(r, seeds, out)] for r in rows}
+    print(report(rows, dirs, seeds, stem, LOSSLESS_EVIDENCE))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,28 @@ ROWS: dict[str, list[tuple[str, str, str]]] = {
                     ("lumina_mgpt_768", "sjd2_lumina_mgpt", "SJD2")],
     "emu3": [("emu3_720", "ar", ""), ("emu3_720", "sjd_emu3", ""), ("emu3_720", "sjd2_emu3", "SJD2")],
 }
+# issue 19's decoder family (``--decoders`` / ``DECODERS=``): conf/decoder/<name>.yaml on tiny, <name>_<model>.yaml
+# (the papers' settings) on the real models; rows laid out after SJD's. sjd2 names the fine-tuned model's rows.
+DEFAULT_DECODERS = ("ar", "sjd", "sjd2")
+FAMILY = ("scd", "sjd_pac", "gsd")
+
+
+def pick_rows(model: str, decoders: Sequence[str]) -> list[tuple[str, str, str]]:
+    """The rows of :data:`ROWS` ``[model]`` named by ``decoders`` plus the family's, in table order."""
+    unknown = sorted(set(decoders) - {*DEFAULT_DECODERS, *FAMILY})
+    if unknown:
+        raise SystemExit(f"error: unknown decoder(s) {unknown} in DECODERS (pick from "
+                         f"{','.join((*DEFAULT_DECODERS, *FAMILY))})")
+    out = []
+    for model_conf, decoder, mark in ROWS[model]:
+        kind = "sjd2" if mark or model_conf.endswith("_sjd2") else decoder.split("_")[0]
+        if kind in decoders:
+            out.append((model_conf, decoder, mark))
+        if kind == "sjd":
+            out += [(model_conf, f"{d}_{model}" if model != "tiny" else d, "") for d in FAMILY if d in decoders]
+    return out
+
+
 # set -> (decode overrides, eval suite); {coco} is --coco
 SETS: dict[str, tuple[list[str], str]] = {
     "shapes_coco": (["prompts=shapes_coco"], "shapes_coco"),
@@ -42,7 +64,7 @@ EVAL_OVERRIDES = {"coco": ["eval.options.fid.reference_dir={coco}/{val}"]}
 
 
 def plan(model: str, set_name: str, out: Path, coco: str | None, sjd2_path: str | None,
-         limit: int | None, seed: int) -> list[tuple[Path, list[str]]]:
+         limit: int | None, seed: int, decoders: Sequence[str] = DEFAULT_DECODERS) -> list[tuple[Path, list[str]]]:
     """(run dir, decode overrides) of every row."""
     if model not in ROWS:
         raise SystemExit(f"error: unknown MODEL {model!r}; pick one of {sorted(ROWS)}")
@@ -54,7 +76,7 @@ def plan(model: str, set_name: str, out: Path, coco: str | None, sjd2_path: str 
     if limit:
         prompt_args.append(f"prompts.limit={limit}")
     rows = []
-    for model_conf, decoder, mark in ROWS[model]:
+    for model_conf, decoder, mark in pick_rows(model, decoders):
         extra = []
         if mark == "SJD2":
             if not sjd2_path:
@@ -90,11 +112,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--nproc", type=int, default=1, help="decode processes (one per GPU)")
     ap.add_argument("--limit", type=int, default=None, help="first N prompts only")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--decoders", default=",".join(DEFAULT_DECODERS),
+                    help=f"rows, comma-separated, from {','.join((*DEFAULT_DECODERS, *FAMILY))}")
     ap.add_argument("--out", default=None, help="default: runs/eval_<set>/<model>")
     ap.add_argument("eval_overrides", nargs="*", help="overrides of the eval stage, e.g. wandb.mode=offline")
     args = ap.parse_args(argv)
     out = Path(args.out or f"runs/eval_{args.set_name}/{args.model}")
-    rows = plan(args.model, args.set_name, out, args.coco, args.sjd2_path, args.limit, args.seed)
+    rows = plan(args.model, args.set_name, out, args.coco, args.sjd2_path, args.limit, args.seed,
+                args.decoders.split(","))
     t0 = time.perf_counter()
     for run_dir, overrides in rows:
         t = time.perf_counter()
