@@ -171,8 +171,9 @@ def report(rows: Sequence[Any], dirs: Mapping[str, Sequence[Path]], seeds: Seque
               f"Every row: `python -m bench.decoder_table` (`make decoders`): shapes prompts ({n} per seed) x seeds "
               f"{', '.join(map(str, seeds))}, CFG 3, temperature 1, batch 1, CPU, 1 thread per decode process; "
               f"scored by `python -m eval` (speed, shapes) and compared with its own model's AR: {PROTOCOL}; "
-              "10,000 resamples, 95% interval. Latency: per image, decode processes sharing a loaded 2-core machine: "
-              "compare latencies in `make bench`, not here.")
+              "10,000 resamples, 95% interval. A row with fewer images (column *images*) was decoded with fewer "
+              "seeds and is paired with its AR on the images they share. Latency: per image, one decode process "
+              "at a time on a 2-core machine shared with other work: compare latencies in `make bench`, not here.")
     md = markdown(stats, pairs, evidence, header)
     stem.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{stem}.md").write_text(md + f"\n![frontier]({stem.name}.png)\n")
