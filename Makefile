@@ -14,7 +14,7 @@ export WANDB_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-slow test-full lint bench tiny-model tiny-sjd2 finetune sweep eval-coco eval-geneval \
+.PHONY: help install demo test test-slow test-full lint bench decoders tiny-model tiny-sjd2 finetune sweep eval-coco eval-geneval \
 	geneval-prompts clean
 
 help: ## list the targets
@@ -48,6 +48,9 @@ lint: install ## ruff over the code
 bench: install ## AR vs SJD vs SJD2 side by side on tiny: step compression, latency ratio, loop overhead; throughput at B=1,4,16
 	$(PY) -m bench.decoders
 
+decoders: install ## every decoder of the family (ar sjd scd sjd_pac gsd sjd2 +coupling) on tiny / tiny_sjd2, one protocol: table + plot [DECODER_ROWS=.. FULL=..]
+	OMP_NUM_THREADS=1 $(PY) -m bench.decoder_table $(if $(DECODER_ROWS),--rows $(DECODER_ROWS)) $(if $(FULL),--full $(FULL)) $(ARGS)
+
 tiny-model: install ## rebuild models/weights/tiny: shapes VQ + three training phases (about 70 min on 2 CPU cores)
 	$(PY) -m train.tiny_recipe --steps 1100 --eval-prompts 0
 	$(PY) -m train.tiny_recipe --init-from models/weights/tiny --seed 1 --steps 1000 --lr 1e-3 --warmup-steps 30 \
@@ -73,7 +76,7 @@ sweep: install ## SJD2 window x steps sweep on tiny_sjd2 (Hydra multirun), then 
 COCO_SET ?= $(if $(findstring tiny,$(MODEL)),shapes_coco,coco2017_5k)
 GENEVAL_SET ?= $(if $(findstring tiny,$(MODEL)),shapes_geneval,geneval)
 SUITE_ARGS = --model $(MODEL) --nproc $(NPROC) $(if $(COCO),--coco $(COCO)) $(if $(SJD2_PATH),--sjd2-path $(SJD2_PATH)) \
-	$(if $(LIMIT),--limit $(LIMIT)) $(ARGS)
+	$(if $(LIMIT),--limit $(LIMIT)) $(if $(DECODERS),--decoders $(DECODERS)) $(ARGS)
 
 eval-coco: install ## AR/SJD/SJD2 on COCO prompts + FID, CLIP, speed: [MODEL=lumina_mgpt COCO=/data/coco SET=coco2014_30k NPROC=8 SJD2_PATH=export/]
 	$(PY) -m bench.eval_suite --set $(or $(SET),$(COCO_SET)) $(SUITE_ARGS)

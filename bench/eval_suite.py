@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from core.errors import UserError, one_line_errors
+from core.rundir import CONF_DIR
 
 # model -> rows of (model config, decoder config, extra overrides); "SJD2" marks the fine-tuned model's rows
 ROWS: dict[str, list[tuple[str, str, str]]] = {
@@ -34,6 +35,33 @@ ROWS: dict[str, list[tuple[str, str, str]]] = {
     **{m: [(m, "ar", ""), (m, "sjd_janus_pro", ""), (m, "sjd2_janus_pro", "SJD2")]
        for m in ("janus_pro_1b", "janus_pro_7b", "janus_tiny_random")},
 }
+# issue 19's decoder family (``--decoders`` / ``DECODERS=``): conf/decoder/<name>.yaml on tiny, <name>_<model>.yaml
+# (the papers' settings) on the real models; rows laid out after SJD's. sjd2 names the fine-tuned model's rows.
+DEFAULT_DECODERS = ("ar", "sjd", "sjd2")
+FAMILY = ("scd", "sjd_pac", "gsd")
+
+
+def pick_rows(model: str, decoders: Sequence[str]) -> list[tuple[str, str, str]]:
+    """The rows of :data:`ROWS` ``[model]`` named by ``decoders`` plus the family's, in table order."""
+    unknown = sorted(set(decoders) - {*DEFAULT_DECODERS, *FAMILY})
+    if unknown:
+        raise SystemExit(f"error: unknown decoder(s) {unknown} in DECODERS (pick from "
+                         f"{','.join((*DEFAULT_DECODERS, *FAMILY))})")
+    out = []
+    for model_conf, decoder, mark in ROWS[model]:
+        kind = "sjd2" if mark or model_conf.endswith("_sjd2") else decoder.split("_")[0]
+        if kind in decoders:
+            out.append((model_conf, decoder, mark))
+        if kind == "sjd":
+            for d in (d for d in FAMILY if d in decoders):
+                preset = f"{d}_{model}" if model != "tiny" else d
+                if not (CONF_DIR / "decoder" / f"{preset}.yaml").is_file():
+                    raise UserError(f"no {d} preset for MODEL={model} (conf/decoder/{preset}.yaml); "
+                                    f"leave {d} out of DECODERS")
+                out.append((model_conf, preset, ""))
+    return out
+
+
 # set -> (decode overrides, eval suite); {coco} is --coco
 SETS: dict[str, tuple[list[str], str]] = {
     "shapes_coco": (["prompts=shapes_coco"], "shapes_coco"),
@@ -48,7 +76,7 @@ EVAL_OVERRIDES = {"coco": ["eval.options.fid.reference_dir={coco}/{val}"]}
 
 
 def plan(model: str, set_name: str, out: Path, coco: str | None, sjd2_path: str | None,
-         limit: int | None, seed: int) -> list[tuple[Path, list[str]]]:
+         limit: int | None, seed: int, decoders: Sequence[str] = DEFAULT_DECODERS) -> list[tuple[Path, list[str]]]:
     """(run dir, decode overrides) of every row."""
     if model not in ROWS:
         raise UserError(f"unknown MODEL {model!r}; pick one of {sorted(ROWS)}")
@@ -60,7 +88,7 @@ def plan(model: str, set_name: str, out: Path, coco: str | None, sjd2_path: str 
     if limit:
         prompt_args.append(f"prompts.limit={limit}")
     rows = []
-    for model_conf, decoder, mark in ROWS[model]:
+    for model_conf, decoder, mark in pick_rows(model, decoders):
         extra = []
         if sjd2_path and model_conf.endswith("_sjd2"):  # tiny: your export replaces the committed tiny_sjd2
             extra = [f"model.path={sjd2_path}"]
@@ -130,12 +158,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--nproc", type=int, default=1, help="decode processes (one per GPU)")
     ap.add_argument("--limit", type=int, default=None, help="first N prompts only")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--decoders", default=",".join(DEFAULT_DECODERS),
+                    help=f"rows, comma-separated, from {','.join((*DEFAULT_DECODERS, *FAMILY))}")
     ap.add_argument("--out", default=None, help="default: runs/eval_<set>/<model>")
     ap.add_argument("eval_overrides", nargs="*", help="overrides of the eval stage, e.g. wandb.mode=offline")
     args = ap.parse_args(argv)
     check_args(args)  # counts and paths: checked before anything decodes (bench/suite_checks.py)
     out = Path(args.out or f"runs/eval_{args.set_name}/{args.model}")
-    rows = plan(args.model, args.set_name, out, args.coco, args.sjd2_path, args.limit, args.seed)
+    rows = plan(args.model, args.set_name, out, args.coco, args.sjd2_path, args.limit, args.seed,
+                args.decoders.split(","))
     eval_cfg = compose_eval(args, out, [str(d) for d, _ in rows])  # the eval overrides, checked now too
     check_eval_config(eval_cfg)
     t0 = time.perf_counter()

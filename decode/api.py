@@ -50,14 +50,18 @@ DECODERS: dict[str, Callable[..., DecodeResult]] = {
     "ar": ar_decode,
     "sjd": sjd_decode,
     "sjd2": LazyDecoder("decode.sjd2:sjd2_decode"),
+    "sjd_pac": LazyDecoder("decode.sjd_pac:sjd_pac_decode"),
 }
+DECODERS.update(scd=sjd_decode, gsd=sjd_decode)  # SCD and GSD: the SJD loop with coupling / grouped acceptance
 
 # the same decoders as step coroutines (decode.batch), for batched decoding
 STEPS: dict[str, Callable[..., Any]] = {
     "ar": ar_steps,
     "sjd": sjd_steps,
     "sjd2": LazyDecoder("decode.sjd2:sjd2_steps"),
+    "sjd_pac": LazyDecoder("decode.sjd_pac:sjd_pac_steps"),
 }
+STEPS.update(scd=sjd_steps, gsd=sjd_steps)
 
 
 def resolve_decoder(decoder_cfg: Mapping[str, Any], steps: bool = False) -> tuple[Callable[..., Any], dict[str, Any]]:

@@ -20,6 +20,11 @@ layout constraints and drafts; the driver owns only the model's cache and attent
   slot at once: the next job takes its streams (their old entries masked out) and sends its prompt as its
   first request in the next batched forward (continuous refill), so a batch never waits for its slowest
   row. Per row the result equals batch 1 up to float round-off of the batched matmuls.
+
+A draft tree (SJD-PAC) asks with ``Forward.tree`` (which of its inputs each input attends) and keeps any
+subset of its last inputs with ``Forward.keep``: batch 1 moves the kept entries in place
+(``adapter.keep_tail``) and passes a per-input mask [S, L, T] with positions column + depth; batched,
+the dropped inputs become holes like any drop and the per-input mask covers every stream.
 """
 from __future__ import annotations
 
@@ -37,11 +42,18 @@ from decode.result import DecodeResult
 class Forward:
     """One request of a decoder row: append ``embeds`` [S, L, D] (model inputs of its S streams) to its
     context, first dropping the last ``drop`` inputs of its previous request; ``mask`` [S, L] marks the
-    inputs to attend (a prompt's left padding: 0; None: all)."""
+    inputs to attend (a prompt's left padding: 0; None: all).
+
+    A draft tree (:mod:`decode.draft_tree`) instead gives ``tree`` [L, L] bool, the inputs of this request
+    each input attends (its ancestors and itself; None: causal), so input i sits at the position of its
+    context + its depth ``tree[i].sum() - 1``; and ``keep``: the indices (increasing) of its previous
+    request's inputs to keep, every other one dropped (None: ``drop`` applies)."""
 
     embeds: torch.Tensor
     drop: int = 0
     mask: torch.Tensor | None = None
+    tree: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -57,13 +69,31 @@ def _attend(request: Forward, device: torch.device) -> torch.Tensor:
     return torch.ones(request.embeds.shape[:2], dtype=torch.long, device=device)
 
 
+def _tree_inputs(request: Forward, mask: torch.Tensor, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch 1's attention mask [S, L, T] and positions [S, L] of a tree request whose inputs are the
+    columns ``first..T`` of ``mask`` [S, T] (positions: the column of the context + the depth)."""
+    tree = request.tree.to(mask.device)
+    per_input = mask.bool()[:, None, :].repeat(1, request.length, 1)
+    per_input[:, :, first:] = tree
+    return per_input, (first + tree.sum(1) - 1).expand(mask.shape[0], -1)
+
+
 def run_one(adapter: Any, steps: Steps) -> DecodeResult:
-    """Drive one decoder coroutine with its own cache (batch 1): drops are rollbacks. The attention mask
-    is a view of one buffer (ones beyond what a request's mask wrote), not rebuilt every forward."""
+    """Drive one decoder coroutine with its own cache (batch 1): drops are rollbacks (a tree's kept inputs
+    are first moved in place, ``adapter.keep_tail``). The attention mask is a view of one buffer (ones
+    beyond what a request's mask wrote), not rebuilt every forward."""
     cache, buffer, width, ones_from = None, None, 0, 0  # columns >= ones_from of the buffer hold 1
+    last = 0  # inputs of the previous request
     request = next(steps)
     while True:
-        if request.drop:
+        if request.keep is not None:
+            n_keep = int(request.keep.numel())
+            if not torch.equal(request.keep.cpu(), torch.arange(n_keep)):
+                cache = adapter.keep_tail(cache, last, request.keep)
+            else:  # a prefix: a plain rollback
+                cache = adapter.rollback(cache, last - n_keep)
+            width -= last - n_keep
+        elif request.drop:
             cache = adapter.rollback(cache, request.drop)
             width -= request.drop
         stop = width + request.length
@@ -78,8 +108,12 @@ def run_one(adapter: Any, steps: Steps) -> DecodeResult:
         elif ones_from > width:
             buffer[:, width:ones_from] = 1
             ones_from = width
-        width = stop
-        logits, cache = adapter.forward(request.embeds, cache, buffer[:, :width])
+        width, last = stop, request.length
+        if request.tree is None:
+            logits, cache = adapter.forward(request.embeds, cache, buffer[:, :width])
+        else:
+            per_input, positions = _tree_inputs(request, buffer[:, :width], width - last)
+            logits, cache = adapter.forward(request.embeds, cache, per_input, position_ids=positions)
         try:
             request = steps.send(logits)
         except StopIteration as stop_iteration:
@@ -147,11 +181,17 @@ class BatchedCache:
         self.mask[streams] = 0
         self.valid[streams] = 0
 
-    def drop(self, row: _Row, n: int) -> None:
-        """Mask out the last n inputs of the row's previous request."""
-        stop = row.start + row.length
-        self.valid[row.streams] -= self.mask[row.streams, stop - n : stop].sum(1)
-        self.mask[row.streams, stop - n : stop] = 0
+    def drop(self, row: _Row, request: Forward) -> None:
+        """Mask out the inputs of the row's previous request that ``request`` drops (``drop`` / ``keep``)."""
+        gone = torch.zeros(row.length, dtype=torch.bool, device=self.mask.device)
+        if request.keep is None:
+            gone[row.length - request.drop :] = True
+        else:
+            gone[:] = True
+            gone[request.keep.to(gone.device)] = False
+        cols = row.start + gone.nonzero()[:, 0]
+        self.valid[row.streams] -= self.mask[row.streams[:, None], cols].sum(1)
+        self.mask[row.streams[:, None], cols] = 0
 
     def tidy(self, rows: list[_Row]) -> None:
         """Crop the columns masked in every stream at the end; compact when holes fill the cache, or when
@@ -198,13 +238,33 @@ class BatchedCache:
             r.start, r.length = width, length
             self.stats.real_inputs += length
         self.stats.padded_inputs += len(rows) * longest - sum(r.length for r in rows)
-        positions = (self.valid[:, None] + new.cumsum(1) - 1).clamp_min(0)
+        within = self._within(rows, new)  # [N, L, L] (draft trees) or None (every request causal)
+        attended_before = new.cumsum(1) if within is None else within.sum(-1)
+        positions = (self.valid[:, None] + attended_before - 1).clamp_min(0)
+        old = self.mask
         self.mask = torch.cat([self.mask, new], dim=1)
         self.valid = self.valid + new.sum(1)
-        logits, self.cache = self.adapter.forward(embeds, self.cache, self.mask, position_ids=positions)
+        attention = self.mask
+        if within is not None:
+            attention = torch.cat([old.bool()[:, None, :].expand(-1, longest, -1), within], dim=2)
+        logits, self.cache = self.adapter.forward(embeds, self.cache, attention, position_ids=positions)
         self.stats.n_forwards += 1
         self.stats.max_width = max(self.stats.max_width, self.mask.shape[1])
         return logits
+
+
+    @staticmethod
+    def _within(rows: list[_Row], new: torch.Tensor) -> torch.Tensor | None:
+        """Which new inputs each new input attends [N, L, L] when a row sends a draft tree, else None."""
+        if all(r.request.tree is None for r in rows):
+            return None
+        longest = new.shape[1]
+        within = torch.ones(longest, longest, dtype=torch.bool, device=new.device).tril()
+        within = within.expand(new.shape[0], -1, -1).clone()
+        for r in rows:
+            if r.request.tree is not None:
+                within[r.streams, : r.length, : r.length] = r.request.tree.to(new.device)
+        return within & new.bool()[:, None, :]
 
 
 def run_batched(adapter: Any, jobs: Iterable[tuple[Any, Steps]], batch_size: int,
@@ -245,8 +305,8 @@ def run_batched(adapter: Any, jobs: Iterable[tuple[Any, Steps]], batch_size: int
         rows.append(row)
     while rows:
         for r in rows:
-            if r.request.drop:
-                shared.drop(r, r.request.drop)
+            if r.request.drop or r.request.keep is not None:
+                shared.drop(r, r.request)
         shared.tidy(rows)
         logits = shared.forward(rows)
         shared.stats.widths.append(shared.mask.shape[1])

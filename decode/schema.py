@@ -37,11 +37,33 @@ class SjdOptions:
     window: int = 16
     init: str = "random"
     jacobi_region: str = "image"
+    coupling: str = "none"
+    coupled_q: str = "target"
+    acceptance: str = "exact"
+    group_half_width: int = 7
+    group_p_thr: float = 0.15
+    group_d_thr: float = 0.5
 
     def __post_init__(self) -> None:
         from decode import sjd
 
-        sjd.validate_options(self.window, self.init, self.jacobi_region)
+        sjd.validate_options(**{k: v for k, v in vars(self).items() if k != "name"})
+
+
+@dataclass
+class ScdOptions(SjdOptions):
+    """``decoder=scd``: SJD with coupled redrafts (conf/decoder/scd.yaml)."""
+
+    name: str = "scd"
+    coupling: str = "maximal"
+
+
+@dataclass
+class GsdOptions(SjdOptions):
+    """``decoder=gsd``: SJD with GSD's grouped acceptance, lossy (conf/decoder/gsd.yaml)."""
+
+    name: str = "gsd"
+    acceptance: str = "grouped"
 
 
 @dataclass
@@ -56,6 +78,8 @@ class Sjd2Options:
     x0: str = "sample"
     draft_q: str = "sampled"
     accept_only_clean_inputs: bool = False
+    coupling: str = "none"
+    coupled_q: str = "target"
     timestep_signal: str = "reserved_token"
     signal_levels: int | None = None
     schedule: str = "rectified_flow"
@@ -71,14 +95,34 @@ class Sjd2Options:
     def __post_init__(self) -> None:
         from decode import sjd2
 
-        sjd2.validate_options(self.window, self.init_levels, self.draft_q, self.init_latent, self.jacobi_region)
+        sjd2.validate_options(self.window, self.init_levels, self.draft_q, self.init_latent, self.jacobi_region,
+                              self.coupling, self.coupled_q)
         sjd2.noise_config(**vars(self))  # the noise options as the NoiseConfig training used
+
+
+@dataclass
+class SjdPacOptions:
+    """``decoder=sjd_pac`` (conf/decoder/sjd_pac.yaml documents each option and its provenance)."""
+
+    name: str = "sjd_pac"
+    window: int = 64
+    tree_width: int = 3
+    tree_depth: int = 3
+    continuation: bool = True
+    jacobi_region: str = "image"
+
+    def __post_init__(self) -> None:
+        from decode import sjd_pac
+
+        sjd_pac.validate_options(self.window, self.tree_width, self.tree_depth, self.jacobi_region)
 
 
 # options the decode stage reads itself (checked before the run dir is written); not decoder arguments
 STAGE_OPTIONS = frozenset({"name", "allow_untrained"})
 
 DECODER_OPTIONS: dict[str, type] = {"ar": ArOptions, "sjd": SjdOptions, "sjd2": Sjd2Options}
+DECODER_OPTIONS.update(scd=ScdOptions, gsd=GsdOptions)
+DECODER_OPTIONS["sjd_pac"] = SjdPacOptions
 
 
 # The composed ``sampling:`` node: SamplingConfig's fields and types, mutable (the frozen SamplingConfig

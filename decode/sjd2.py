@@ -48,6 +48,11 @@ One iteration (one forward, CFG streams batched)
    position earlier (the one-position offset). At level 0 the slot's input becomes the clean embedding of
    its draft. Fresh slots join the tail.
 
+Coupling (``coupling``, :mod:`decode.coupling`): step 4's new draft of every slot that already held one
+-- a clean slot's redraft and a noisy slot's x0 sample alike -- is coupled to its old draft (``"maximal"``)
+or drawn with the position's persistent Gumbel noise (``"gumbel"``) instead of fresh; its marginal stays
+p_i, so the exactness below is kept.
+
 Exactness: with ``accept_only_clean_inputs=True`` every committed token is drawn (accepted or
 resampled) from a p whose conditioning inputs are all clean committed tokens, so the output follows
 plain AR exactly (greedy: token for token). The default (accept noisy-input slots, as the paper) is lossy.
@@ -60,11 +65,12 @@ from typing import Any
 
 import torch
 
+from decode import coupling as couple
 from decode.batch import Forward, Steps, run_one
 from decode.result import DecodeResult
 from decode.sampling import SamplingConfig, final_probs
 from decode.schedule import INIT_MODES, initial_levels
-from decode.sjd2_window import Sjd2Window
+from decode.sjd2_window import Sjd2Window, Slots
 from decode.window import (
     REGIONS,
     check_window,
@@ -94,6 +100,7 @@ class Sjd2Stats:
     accepted_by_slot: list[int] = field(default_factory=list)  # accepts per slot index (0 = front)
     present_by_slot: list[int] = field(default_factory=list)  # forwards in which slot index i existed
     accepted_by_level: list[int] = field(default_factory=list)  # accepts per input level of the slot
+    n_redrafts: int = 0  # slots that held a draft and took a new one (step 4)
     _with_k: dict[int, int] = field(default_factory=dict, repr=False)  # forwards per slot count (not yet in present)
 
     def record(self, levels: list[int], n_tested: int, n_acc: int, K: int) -> None:
@@ -123,8 +130,10 @@ class Sjd2Stats:
         return out
 
 
-def validate_options(window: int, init_levels: str, draft_q: str, init_latent: str, jacobi_region: str) -> None:
+def validate_options(window: int, init_levels: str, draft_q: str, init_latent: str, jacobi_region: str,
+                     coupling: str = "none", coupled_q: str = "target") -> None:
     """Clear errors for impossible SJD2 settings (noise options are checked by ``NoiseConfig``)."""
+    couple.validate(coupling, coupled_q)
     check_window(window, "inputs per forward; 1 = plain AR; the paper uses 96 for Lumina-mGPT, 128 for Emu3")
     for name, value, allowed in (("init_levels", init_levels, INIT_MODES), ("draft_q", draft_q, DRAFT_QS),
                                  ("init_latent", init_latent, INIT_LATENTS), ("jacobi_region", jacobi_region, REGIONS)):
@@ -179,6 +188,25 @@ def match_trained_noise(noise: NoiseConfig, trained: NoiseConfig | None) -> None
                          + " (or set decoder.check_trained_noise=false to decode anyway)")
 
 
+def redraft(slots: Slots, p: torch.Tensor, fresh: torch.Tensor, rest: slice, coupling: str, coupled_q: str,
+            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Step 4's new drafts of the slots ``rest``: (drafts [r], their q when coupled (None: p), the indices
+    into ``rest`` of the slots that held a draft). Fresh samples (SJD2; Gumbel coupling drew them with the
+    positions' noise); with maximal coupling a slot that held a draft couples its new one to it."""
+    new = fresh[rest]
+    had = torch.tensor([i - rest.start for i in range(rest.start, rest.stop) if slots.draft_list[i]],
+                       dtype=torch.long, device=new.device)
+    if coupling != "maximal" or not had.numel():
+        return new, None, had
+    rows = had + rest.start
+    q_old = slots.q_rows(rest.stop)[rows]
+    kept_or_new, kept = couple.maximal_coupling(p[rows], q_old, slots.drafts[rows], generator)
+    new, q_new = new.clone(), p[rest].clone()
+    new[had] = kept_or_new
+    q_new[had] = couple.coupled_q(p[rows], q_old, kept, coupled_q)
+    return new, q_new, had
+
+
 @torch.no_grad()
 def sjd2_steps(
     adapter: ModelAdapter,
@@ -193,6 +221,8 @@ def sjd2_steps(
     x0: str = "sample",
     draft_q: str = "sampled",
     accept_only_clean_inputs: bool = False,
+    coupling: str = "none",
+    coupled_q: str = "target",
     timestep_signal: str = "reserved_token",
     signal_levels: int | None = None,
     schedule: str = "rectified_flow",
@@ -205,7 +235,7 @@ def sjd2_steps(
     signal: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Steps:
     """The SJD2 step coroutine (:mod:`decode.batch`); options as :func:`sjd2_decode`."""
-    validate_options(window, init_levels, draft_q, init_latent, jacobi_region)
+    validate_options(window, init_levels, draft_q, init_latent, jacobi_region, coupling, coupled_q)
     recipe, noise = decoding_noise(adapter, denoise_steps, check_trained_noise, schedule=schedule, spacing=spacing,
                                    rho=rho, t_min=t_min, t_max=t_max, timestep_signal=timestep_signal,
                                    signal_levels=signal_levels, x0=x0)
@@ -219,6 +249,8 @@ def sjd2_steps(
     drop = 0  # inputs of the last forward whose KV is not kept (dropped before the next one)
     n_committed, n_cached, per_forward = 1, 0, [1]  # n_cached: committed tokens whose KV is in the cache
     slots, stats, opened = win.empty(), Sjd2Stats(), False
+    gumbel = couple.GumbelNoise(adapter.vocab_size, seq.device) if coupling == "gumbel" else None
+    n_unchanged = torch.zeros((), dtype=torch.long, device=seq.device)  # redrafts that kept their token
 
     while n_committed < n_tokens:
         # the window: keep the slots that still fit, add fresh ones at the tail
@@ -244,7 +276,9 @@ def sjd2_steps(
             if not has_draft or (accept_only_clean_inputs and level):
                 break
             n_tested += 1
-        n_acc, committed, fresh = verify(p, slots.q_rows(n_tested), slots.drafts, generator, n_testable=n_tested)
+        drawn = None if gumbel is None else gumbel.sample(p, n_committed, generator)
+        n_acc, committed, fresh = verify(p, slots.q_rows(n_tested), slots.drafts, generator, n_testable=n_tested,
+                                         fresh=drawn)
         stats.record(slots.level_list, n_tested, n_acc, K)
         stats.n_refed_tokens += u - 1
         stats.n_inputs += u + k
@@ -260,10 +294,14 @@ def sjd2_steps(
 
         # 4. the remaining slots take their fresh samples as drafts; noisy ones denoise one level
         rest = slice(n_acc + 1, k)
-        slots = win.advance(slots, fresh[rest], p[rest], rest)
+        new, q_new, had = redraft(slots, p, fresh, rest, coupling, coupled_q, generator)
+        n_unchanged += (new[had] == slots.drafts[rest][had]).sum()
+        stats.n_redrafts += int(had.numel())
+        slots = win.advance(slots, new, p[rest], rest, q=q_new)
 
     extra = {"decoder": "sjd2", "window": window, "init_levels": init_levels, "init_latent": init_latent,
-             "draft_q": draft_q, "accept_only_clean_inputs": accept_only_clean_inputs,
+             "draft_q": draft_q, "accept_only_clean_inputs": accept_only_clean_inputs, "coupling": coupling,
+             "coupled_q": coupled_q, "n_redrafts_unchanged": int(n_unchanged),
              "jacobi_region": jacobi_region, "check_trained_noise": check_trained_noise,
              "norm_from_recipe": recipe.norm is not None, **{f"noise_{k}": v for k, v in asdict(noise).items()},
              **stats.as_dict()}
@@ -285,6 +323,8 @@ def sjd2_decode(
     x0: str = "sample",
     draft_q: str = "sampled",
     accept_only_clean_inputs: bool = False,
+    coupling: str = "none",
+    coupled_q: str = "target",
     timestep_signal: str = "reserved_token",
     signal_levels: int | None = None,
     schedule: str = "rectified_flow",

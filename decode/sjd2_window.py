@@ -188,8 +188,10 @@ class Sjd2Window:
         p_codes = p[:, self.layout.code_start : self.layout.code_stop]  # [k, N_codes]
         return (p_codes / p_codes.sum(-1, keepdim=True).clamp_min(1e-30)) @ self._code_table
 
-    def advance(self, slots: Slots, fresh: torch.Tensor, p: torch.Tensor, rest: slice = slice(None)) -> Slots:
-        """Step 4 for the slots ``rest`` that stay: new drafts ``fresh`` [k], their p [k, V]; noisy ones denoise."""
+    def advance(self, slots: Slots, fresh: torch.Tensor, p: torch.Tensor, rest: slice = slice(None),
+                q: torch.Tensor | None = None) -> Slots:
+        """Step 4 for the slots ``rest`` that stay: new drafts ``fresh`` [k], their p [k, V]; noisy ones denoise.
+        ``q`` [k, V]: the drafts' q when ``draft_q="sampled"`` (None: p; a coupled redraft passes its own)."""
         levels, z, level_list = slots.levels[rest], slots.z[rest], slots.level_list[rest]
         if any(level_list):
             if self.noise.x0 == "sample":  # row-wise: every row at once (clean rows' z is unused)
@@ -198,6 +200,9 @@ class Sjd2Window:
                 noisy = levels > 0
                 z = z.clone()
                 z[noisy] = denoise_step(z[noisy], self.clean_estimate(fresh[noisy], p[noisy]), levels[noisy], self.noise)
-        q = p if self.draft_q == "sampled" else one_hot(fresh, self.vocab_size)
+        if self.draft_q == "sampled":
+            q = p if q is None else q
+        else:
+            q = one_hot(fresh, self.vocab_size)
         return Slots(self.tables.down[levels], z, fresh, q, [v - 1 if v else 0 for v in level_list],
                      [True] * len(level_list))

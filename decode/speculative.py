@@ -64,10 +64,20 @@ def accept_prefix(
     p_d, q_d = p.gather(1, index), q.gather(1, index)  # [L, 1]
     # q_d == 0 cannot happen for a draft drawn from q; should a caller pass one, accept iff p_d > 0.
     ratio = torch.where(q_d > 0, p_d / q_d.clamp_min(1e-30), p_d > 0)  # (the bool branch reads as 0. / 1.)
+    return accept_by_ratio(p, q, ratio[:, 0], generator)
+
+
+def accept_by_ratio(p: torch.Tensor, q: torch.Tensor, ratio: torch.Tensor,
+                generator: torch.Generator) -> tuple[int, torch.Tensor | None]:
+    """The sequential test given the acceptance ratios [L] (:func:`accept_prefix` passes ``p(d)/q(d)``, a
+    relaxed rule such as GSD's grouped ratio passes its own): accept row i iff ``r_i < ratio_i``, stop at
+    the first rejection and draw its token from ``normalize(max(0, p_i - q_i))``. Draws L uniforms and, on
+    rejection, one residual sample from ``generator``."""
+    n = int(ratio.numel())
     r = torch.rand(n, generator=generator, device=generator.device)  # one uniform per position, in [0, 1)
     if r.device != p.device:
         r = r.to(p.device)
-    rejected = (r >= ratio[:, 0]).tolist()  # == r >= min(1, ratio): r < 1
+    rejected = (r >= ratio).tolist()  # == r >= min(1, ratio): r < 1
     if True not in rejected:
         return n, None
     i = rejected.index(True)

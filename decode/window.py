@@ -6,7 +6,7 @@ The decoders are siblings over this module and the adapter protocol; none import
 """
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
 import torch
@@ -81,18 +81,21 @@ def one_hot(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 def verify(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, generator: torch.Generator,
-           n_testable: int | None = None) -> tuple[int, torch.Tensor, torch.Tensor]:
+           n_testable: int | None = None, fresh: torch.Tensor | None = None,
+           test: Callable[..., tuple[int, Any]] | None = None) -> tuple[int, torch.Tensor, torch.Tensor]:
     """Steps 1-2 of a speculative window: p [k+1, V] targets, q [k, V] and drafts [k].
 
-    One fresh token is sampled from every target row, then the first ``n_testable`` drafts (default: all
-    k; SJD2 stops at the first slot that may not be accepted) are tested in order
-    (:func:`decode.speculative.accept`). Returns (n_accepted, the committed tokens [n_accepted + 1]: the
-    accepted drafts, then the residual sample at the first rejection or, when all tested drafts pass,
-    the fresh sample of row ``n_testable``; the fresh samples [k + 1]).
+    One fresh token is sampled from every target row (or ``fresh`` [k + 1] is given: samples the caller
+    drew, e.g. with Gumbel coupling), then the first ``n_testable`` drafts (default: all k; SJD2 stops at
+    the first slot that may not be accepted) are tested in order (``test``, default
+    :func:`decode.speculative.accept`; GSD passes its grouped test). Returns (n_accepted, the committed
+    tokens [n_accepted + 1]: the accepted drafts, then the residual sample at the first rejection or,
+    when all tested drafts pass, the fresh sample of row ``n_testable``; the fresh samples [k + 1]).
     """
     m = drafts.numel() if n_testable is None else n_testable
-    fresh = sample(p, generator)  # [k + 1]
-    n_acc, token = accept(p[:m], q[:m], drafts[:m], generator)
+    if fresh is None:
+        fresh = sample(p, generator)  # [k + 1]
+    n_acc, token = (accept if test is None else test)(p[:m], q[:m], drafts[:m], generator)
     if token is None:
         nxt = fresh[m : m + 1]
     else:

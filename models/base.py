@@ -156,13 +156,18 @@ class ModelAdapter(Protocol):
     ) -> tuple[torch.Tensor, Any]:
         """Append a window of any length to ``cache`` (None: a new one).
 
-        inputs_embeds: [B, L, D]; attention_mask: [B, cached + L]; position_ids: [B, L] (None: the
-        column index, as batch 1 always had; batched decoding passes the attended count, see
-        :mod:`decode.batch`). Returns float32 logits [B, L, V] and the grown cache.
+        inputs_embeds: [B, L, D]; attention_mask: [B, cached + L], or [B, L, cached + L] (bool: which
+        entries each input attends, e.g. the ancestors in a draft tree; needs ``position_ids``);
+        position_ids: [B, L] (None: the column index, as batch 1 always had; batched decoding passes the
+        attended count, see :mod:`decode.batch`). Returns float32 logits [B, L, V] and the grown cache.
         """
 
     def rollback(self, cache: Any, n: int) -> Any:
         """Drop the last ``n`` cache entries of every stream; returns the cache."""
+
+    def keep_tail(self, cache: Any, n: int, keep: torch.Tensor) -> Any:
+        """Of the last ``n`` entries of every stream keep those at ``keep`` (increasing indices in [0, n)),
+        moved in order to the front of that span, and drop the rest (a draft tree's accepted path)."""
 
     def gather_cache(self, cache: Any, rows: torch.Tensor, cols: torch.Tensor) -> Any:
         """A cache whose stream i holds, in order, the entries ``cols[i]`` [T'] of old stream ``rows[i]``
@@ -232,10 +237,14 @@ class HFAdapter:
         if cache is None:
             cache = DynamicCache(config=self.model.config)
         extra = {} if position_ids is None else {"position_ids": position_ids.to(self.device)}
+        mask = attention_mask.to(self.device)
+        if mask.dim() == 3:  # per-input mask [B, L, T] (a draft tree): the additive 4D mask transformers takes as is
+            blocked = torch.zeros(mask.shape, dtype=self.dtype, device=self.device)
+            mask = blocked.masked_fill_(~mask.bool(), torch.finfo(self.dtype).min)[:, None]
         out = self.backbone(
             inputs_embeds=inputs_embeds.to(self.dtype),
             past_key_values=cache,
-            attention_mask=attention_mask.to(self.device),
+            attention_mask=mask,
             use_cache=True,
             **extra,
         )
@@ -248,6 +257,17 @@ class HFAdapter:
         if n:
             cache.crop(-n)  # transformers 5.x: a negative argument removes that many entries
         return cache
+
+    def keep_tail(self, cache: Any, n: int, keep: torch.Tensor) -> Any:
+        n_keep = int(keep.numel())
+        if n_keep < n:
+            for layer in cache.layers:  # DynamicLayer keys / values [B, H, T, Dh]: copy the kept entries in place
+                start = layer.keys.shape[-2] - n
+                src = start + keep.to(layer.keys.device)
+                for name in ("keys", "values"):
+                    x = getattr(layer, name)
+                    x[..., start : start + n_keep, :] = x[..., src, :]
+        return self.rollback(cache, n - n_keep)
 
     def gather_cache(self, cache: Any, rows: torch.Tensor, cols: torch.Tensor) -> Any:
         for layer in cache.layers:  # transformers 5.x DynamicLayer: keys / values [B, H, T, Dh]
