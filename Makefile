@@ -14,7 +14,7 @@ export WANDB_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-slow test-full lint bench decoders tiny-model tiny-sjd2 finetune sweep eval-coco eval-geneval \
+.PHONY: help install demo test test-slow test-full lint bench decoders real-size tiny-model tiny-sjd2 finetune sweep eval-coco eval-geneval \
 	geneval-prompts clean
 
 help: ## list the targets
@@ -47,6 +47,9 @@ lint: install ## ruff over the code
 
 bench: install ## AR vs SJD vs SJD2 side by side on tiny: step compression, latency ratio, loop overhead; throughput at B=1,4,16
 	$(PY) -m bench.decoders
+
+real-size: install ## random-weight Lumina-mGPT-7B + Emu3-Gen in the published layouts: write, measure, decode on CPU (needs ~17 GB free RAM, 31 GB disk in $$SJD2_SCRATCH)
+	$(PY) -m bench.real_size write && $(PY) -m bench.real_size measure && $(PY) -m bench.real_size decode
 
 decoders: install ## every decoder of the family (ar sjd scd sjd_pac gsd sjd2 +coupling) on tiny / tiny_sjd2, one protocol: table + plot [DECODER_ROWS=.. FULL=..]
 	OMP_NUM_THREADS=1 $(PY) -m bench.decoder_table $(if $(DECODER_ROWS),--rows $(DECODER_ROWS)) $(if $(FULL),--full $(FULL)) $(ARGS)

@@ -120,12 +120,12 @@ def check_model(key: str, device: str, layers: int | None, image_size: int, batc
 
 
 def markdown(results: list[dict], device_name: str, wall: float) -> str:
-    lines = [f"# GPU check on {device_name} ({time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, "
-             f"{wall:.0f} s)", "", "Random weights at real width, bf16, CFG (2 streams per row). "
-             "`python -m bench.gpu_check` — see its docstring.", ""]
+    lines = [(f"# GPU check on {device_name} ({time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, "
+             f"{wall:.0f} s)"), "", ("Random weights at real width, bf16, CFG (2 streams per row). "
+             "`python -m bench.gpu_check` — see its docstring."), ""]
     for r in results:
-        lines += [f"## {r['model']} ({r['params_b']:.2f} B parameters, layers: {r['layers']}, built in "
-                  f"{r['build_s']:.1f} s)", "", "Per-forward seconds (inputs per stream x rows B):", ""]
+        lines += [(f"## {r['model']} ({r['params_b']:.2f} B parameters, layers: {r['layers']}, built in "
+                  f"{r['build_s']:.1f} s)"), "", "Per-forward seconds (inputs per stream x rows B):", ""]
         lengths = list(next(iter(r["forwards"].values()))["forward_s"])
         lines += ["| B | " + " | ".join(lengths) + " |", "|---|" + "---|" * len(lengths)]
         for b, f in r["forwards"].items():
@@ -139,8 +139,8 @@ def markdown(results: list[dict], device_name: str, wall: float) -> str:
             lines.append(f"| {name} | {d['preset']} | {d['forwards']} | {d['seconds']:.1f} | {d['steps_per_s']:.1f} | "
                          f"{d['step_time_vs_ar']:.2f} | {d['latency_vs_ar']:.2f}x |")
         peak = r["peak_gpu_gib"]
-        lines += ["", f"Peak memory: GPU {peak:.1f} GiB" if peak is not None else "",
-                  f"host RSS {r['peak_host']['peak_rss_gib']:.1f} GiB.", ""]
+        gpu = f"GPU {peak:.1f} GiB, " if peak is not None else ""
+        lines += ["", f"Peak memory: {gpu}host RSS {r['peak_host']['peak_rss_gib']:.1f} GiB.", ""]
     return "\n".join(lines)
 
 
