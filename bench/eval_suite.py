@@ -45,7 +45,7 @@ def pick_rows(model: str, decoders: Sequence[str]) -> list[tuple[str, str, str]]
     """The rows of :data:`ROWS` ``[model]`` named by ``decoders`` plus the family's, in table order."""
     unknown = sorted(set(decoders) - {*DEFAULT_DECODERS, *FAMILY})
     if unknown:
-        raise SystemExit(f"error: unknown decoder(s) {unknown} in DECODERS (pick from "
+        raise UserError(f"unknown decoder(s) {unknown} in DECODERS (pick from "
                          f"{','.join((*DEFAULT_DECODERS, *FAMILY))})")
     out = []
     for model_conf, decoder, mark in ROWS[model]:

@@ -36,5 +36,14 @@ def test_default_rows_unchanged_and_subset_picks(tmp_path):
 
 
 def test_unknown_decoder_is_one_error_line(capsys):
-    with pytest.raises(SystemExit, match=r"error: unknown decoder\(s\) \['beam'\]"):
-        main(["--decoders", "ar,beam", "--set", "geneval"])
+    with pytest.raises(SystemExit):
+        main(["--decoders", "ar,beam", "--set", "shapes_coco"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "unknown decoder(s) ['beam']" in err[0]
+
+
+def test_family_preset_missing_for_janus_is_refused(tmp_path):
+    from core.errors import UserError
+
+    with pytest.raises(UserError, match="no scd preset for MODEL=janus_pro_1b"):
+        plan("janus_pro_1b", "shapes_coco", tmp_path, None, None, None, 0, ["ar", "sjd", "scd"])
