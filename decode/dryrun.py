@@ -66,13 +66,11 @@ def make_plan(conf: Mapping[str, Any], model: ModelFacts, prompt_tokens: int) ->
                       act_row_bytes=act, gpu_bytes=float(conf.get("gpu_memory_gb", 80)) * 2**30)
 
 
-def images_line(conf: Mapping[str, Any]) -> str:
+def images_line(conf: Mapping[str, Any], shard: tuple[int, int]) -> str:
     from data.prompts import apply_limit, load_prompts
-    from decode.run import resolve_shard
 
     per_prompt = int(conf["prompts"].get("images_per_prompt", 1))
-    shard = conf.get("shard") or {}
-    index, count = resolve_shard(shard.get("index"), shard.get("count"))
+    index, count = shard
     try:
         n = len(apply_limit(load_prompts({**conf["prompts"], "limit": None}), conf["prompts"].get("limit")))
     except (OSError, ValueError) as err:
@@ -82,12 +80,12 @@ def images_line(conf: Mapping[str, Any]) -> str:
     return f"images: {n} prompts x {per_prompt} = {total}; {count} shard(s), shard {index} decodes {mine}"
 
 
-def report(plan: DecodePlan, conf: Mapping[str, Any]) -> str:
+def report(plan: DecodePlan, conf: Mapping[str, Any], shard: tuple[int, int]) -> str:
     m = plan.model
     lines = [
         (f"model: {count(m.n_params)} parameters, {m.layers} layers, {m.kv_heads} KV heads x {m.head_dim}, "
         f"vocabulary {m.vocab}, {m.image_tokens} image tokens; from {m.source}"),
-        images_line(conf),
+        images_line(conf, shard),
         (f"decoder: {conf['decoder'].get('name')}, {plan.window} tokens per forward per stream, {plan.streams} "
         f"stream(s) per row (CFG {conf['sampling']['cfg_scale']}), {plan.positions} positions per stream"),
         (f"weights {gib(plan.weight_bytes)}; per row: KV cache {gib(plan.kv_row_bytes)} + logits "
@@ -100,15 +98,16 @@ def report(plan: DecodePlan, conf: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def dry_run(conf: Mapping[str, Any]) -> DecodePlan:
-    """Print the plan of the composed decode config ``conf``; refuse one that does not fit one GPU."""
+def dry_run(conf: Mapping[str, Any], shard: tuple[int, int] = (0, 1)) -> DecodePlan:
+    """Print the plan of the composed decode config ``conf`` (this process's ``(index, count)`` shard);
+    refuse one that does not fit one GPU."""
     from decode import schema
 
     schema.check_counts(conf)
     schema.check_decoder(conf["decoder"])
     prompt_tokens = conf.get("dry_run_prompt_tokens") or PROMPT_TOKENS
     plan = make_plan(conf, model_facts(conf["model"]), int(prompt_tokens))
-    print(report(plan, conf))
+    print(report(plan, conf, shard))
     if plan.total_bytes() > plan.gpu_bytes:
         fix = (f"set batch_size={plan.max_batch}" if plan.max_batch >= 1 else
                "the weights alone do not fit: use a GPU with more memory")

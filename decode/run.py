@@ -264,7 +264,9 @@ def _run_and_report(cfg: DictConfig) -> None:
     if cfg.get("dry_run"):
         from decode.dryrun import dry_run
 
-        dry_run(OmegaConf.to_container(cfg, resolve=True))
+        conf = OmegaConf.to_container(cfg, resolve=True)
+        shard = conf.get("shard") or {}
+        dry_run(conf, resolve_shard(shard.get("index"), shard.get("count")))
         return
     summary = decode_run(cfg)
     print(f"{summary.out_dir}: {summary.n_decoded} decoded, {summary.n_skipped} already there, "

@@ -207,7 +207,7 @@ def test_resize_conventions_give_299px_floats(resize):
     images = list(caption_renders(2, 1))
     x = fid.RESIZERS[resize](images, 299)
     assert x.shape == (2, 3, 299, 299) and x.dtype == torch.float32
-    assert 0 <= float(x.min()) and float(x.max()) <= 255
+    assert 0 <= float(x.min()) and float(x.max()) <= 255 + 1e-3  # float rounding of the resize (thread count)
     flat = fid.RESIZERS[resize]([np.full((64, 64, 3), 77, np.uint8)], 299)
     torch.testing.assert_close(flat, torch.full_like(flat, 77.0))
     same = fid.RESIZERS[resize](images, 64)  # the native size is left as it is
@@ -220,4 +220,4 @@ def test_the_two_resize_conventions_differ_as_documented():
     assert (clean - bilinear).abs().max() > 1  # bicubic vs bilinear at the shape edges
     assert (clean != clean.round()).any()  # clean-fid does not re-quantise to uint8
     lo, hi = float(np.min(images)), float(np.max(images))
-    assert lo <= float(bilinear.min()) and float(bilinear.max()) <= hi
+    assert lo <= float(bilinear.min()) and float(bilinear.max()) <= hi + 1e-3  # float rounding (thread count)
