@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from bench.measure import MemorySampler, cuda_peak_gib, forward_times, reset_cuda_peak
+from bench.measure import MemorySampler, cuda_peak_gib, forward_times, reset_cuda_peak, timed
 from bench.published import EMU3_8B, LUMINA_7B, LmSizes
-from bench.real_size import PROMPT, TARGETS
+from bench.real_size import PROMPT, TARGETS, random_recipe
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SMALL_SIZE = {"lumina": 384, "emu3": 192}
@@ -48,7 +48,6 @@ def build(key: str, device: str, layers: int | None, image_size: int) -> Any:
     """The family's adapter around a real-size random model, with an SJD2 recipe from its embeddings."""
     from core.config import compose_config
     from models import load_adapter
-    from models.noisy import EmbeddingNorm, NoiseConfig, Sjd2Recipe
 
     t = TARGETS[key]
     s: LmSizes = LUMINA_7B if key == "lumina" else EMU3_8B
@@ -59,10 +58,7 @@ def build(key: str, device: str, layers: int | None, image_size: int) -> Any:
         "num_key_value_heads": s.num_key_value_heads, "max_position_embeddings": s.max_position_embeddings})
     with built_on(device, torch.bfloat16):
         adapter = load_adapter(cfg)
-    train = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "train" / f"{t.train_conf}.yaml")
-    noise = NoiseConfig(**OmegaConf.to_container(train.noise))
-    adapter.sjd2_recipe = Sjd2Recipe(noise=noise, norm=EmbeddingNorm.from_adapter(adapter),
-                                     training={"name": "bench.gpu_check: random weights"}).to_json()
+    adapter.sjd2_recipe = random_recipe(adapter, t, "bench.gpu_check")
     return adapter
 
 
@@ -78,13 +74,8 @@ def decode_steps(adapter: Any, key: str) -> dict[str, dict]:
                                                      config_name="decode"), resolve=True)
         sampling = SamplingConfig(**conf["sampling"])
         gen = torch.Generator(device=adapter.device).manual_seed(0)
-        if adapter.device.type == "cuda":
-            torch.cuda.synchronize(adapter.device)
-        t0 = time.perf_counter()
-        out = generate(adapter, PROMPT, conf["decoder"], sampling, gen)
-        if adapter.device.type == "cuda":
-            torch.cuda.synchronize(adapter.device)
-        wall = time.perf_counter() - t0
+        run = lambda d=conf["decoder"], s=sampling, g=gen: generate(adapter, PROMPT, d, s, g)
+        wall, out = timed(run, adapter.device, reps=1)
         rows[name] = {"preset": preset, "forwards": int(out.n_forwards), "tokens": int(out.tokens.numel()),
                       "seconds": wall, "steps_per_s": out.n_forwards / wall, "step_s": wall / out.n_forwards}
         print(json.dumps({name: rows[name]}), flush=True)

@@ -98,16 +98,20 @@ def model_overrides(t: Target, scratch: Path, image_size: int) -> list[str]:
 def write_recipe(adapter: Any, t: Target, ckpt: Path) -> None:
     """``sjd2.json`` beside the random weights: the preset's noise recipe with the statistics of these
     embeddings, so the SJD2 decoder runs on the real-size model (random weights: untrained, of course)."""
+    if (ckpt / "sjd2.json").is_file():
+        return
+    (ckpt / "sjd2.json").write_text(json.dumps(random_recipe(adapter, t, "bench.real_size"), indent=1))
+
+
+def random_recipe(adapter: Any, t: Target, who: str) -> dict:
+    """The preset's noise recipe with the statistics of ``adapter``'s (random) embeddings, as ``sjd2.json``."""
     from omegaconf import OmegaConf
 
     from models.noisy import EmbeddingNorm, NoiseConfig, Sjd2Recipe
 
-    if (ckpt / "sjd2.json").is_file():
-        return
     noise = OmegaConf.to_container(OmegaConf.load(REPO_ROOT / "conf" / "train" / f"{t.train_conf}.yaml").noise)
-    recipe = Sjd2Recipe(noise=NoiseConfig(**noise), norm=EmbeddingNorm.from_adapter(adapter),
-                        training={"name": "bench.real_size: random weights, no training"})
-    (ckpt / "sjd2.json").write_text(json.dumps(recipe.to_json(), indent=1))
+    return Sjd2Recipe(noise=NoiseConfig(**noise), norm=EmbeddingNorm.from_adapter(adapter),
+                      training={"name": f"{who}: random weights, no training"}).to_json()
 
 
 def measure(t: Target, scratch: Path, image_size: int, lengths: tuple[int, ...], vq: bool = True) -> dict:
