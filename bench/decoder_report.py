@@ -163,7 +163,8 @@ def report(rows: Sequence[Any], dirs: Mapping[str, Sequence[Path]], seeds: Seque
     lossless_free = [s for s in stats if s["lossless"] and s["training_free"] and s["label"] != s["baseline"]]
     if lossless_free:
         best = max(lossless_free, key=lambda s: s["step_compression"]["value"])["label"]
-        pairs += [pair_stats(groups, best, b) for b in ("sjd", "sjd2") if b in labels and b != best]
+        pairs += [pair_stats(groups, best, b) for b in ("sjd", "sjd2")
+                  if b in labels and b != best and (best, b) not in PAIRS]  # the best row vs SJD and SJD2, once
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             check=False).stdout.strip()
     n = sum(len(g[0].records) for g in groups.values()) // max(len(groups), 1)

@@ -111,6 +111,40 @@ def test_tree_forward_equals_chain_forwards(request, model):
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+def test_sampled_decode_verifies_every_commit_against_the_causal_target(tiny_trained, monkeypatch):
+    """A whole sampled decode (CFG 3) on the trained tiny model: the row each committed token was verified
+    against (root + accepted path of every tree forward, after many kept-path compactions) equals the row a
+    plain causal forward of the final sequence gives; side branches must be accepted for this to mean much."""
+    import decode.sjd_pac as sjd_pac_module
+    from decode.sampling import final_probs
+
+    sampling, seen, rows = SamplingConfig(cfg_scale=3.0), [], {}
+
+    def recording_probs(logits, positions, layout, s):
+        rows["positions"], rows["p"] = positions, final_probs(logits, positions, layout, s)
+        return rows["p"]
+
+    def recording_verify(tree, p, q, tokens, generator):
+        path, token = draft_tree_module.verify_tree(tree, p, q, tokens, generator)
+        seen.append((rows["positions"][[0] + path], p[[0] + path], sum(tree.slot[i] > 0 for i in path)))
+        return path, token
+
+    monkeypatch.setattr(sjd_pac_module, "final_probs", recording_probs)
+    monkeypatch.setattr(sjd_pac_module, "verify_tree", recording_verify)
+    side = 0
+    for seed, text in enumerate([PROMPT, "two yellow circles"]):
+        seen.clear()
+        prefill = tiny_trained.prompt(text)
+        seq = sjd_pac_decode(tiny_trained, prefill, sampling, gen(seed)).tokens
+        causal = run_one(tiny_trained, chain_script(tiny_trained, text, seq[:-1]))  # row j predicts seq[j + 1]
+        want = final_probs(causal, torch.arange(1, len(seq)), tiny_trained.layout, sampling)
+        for positions, p, n_side in seen:
+            torch.testing.assert_close(p, want[positions - 1], atol=1e-4, rtol=0)
+            side += n_side
+        assert torch.cat([pos for pos, _, _ in seen]).tolist() == list(range(1, len(seq)))  # each commit once
+    assert side >= 5  # siblings off the main path were committed (their KV moved in place)
+
+
 # ---------------------------------------------------------------- greedy == AR
 
 OPTIONS = [
