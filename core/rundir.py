@@ -102,6 +102,22 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
 
 
+def not_a_folder_of_its_own(run_dir: Path, shown: str) -> str | None:
+    """Why ``run_dir`` (spelled ``shown``, e.g. ``out_dir=runs/x``) cannot be a run dir, or None: it is, or
+    holds, the folder the command runs from or the project's checkout, or it is a file. Every stage that
+    writes a run dir asks this before it writes anything (decode/ownership.py, train/run.py)."""
+    resolved = run_dir.resolve()
+    key = shown.split("=", 1)[0]
+    for what, place in (("the folder this command runs from", Path.cwd().resolve()),
+                        ("the project's checkout", REPO_ROOT.resolve())):
+        if resolved == place or resolved in place.parents:
+            return (f"{shown} {'is' if resolved == place else 'holds'} {what}: a run dir is a folder of its own; "
+                    f"pick a new one, e.g. {key}=runs/mine")
+    if run_dir.exists() and not run_dir.is_dir():
+        return f"{shown} is a file, not a folder; pick another {key}=..."
+    return None
+
+
 def remove_stale_tmp(run_dir: Path) -> list[Path]:
     """Delete the ``.*.tmp-PID`` files a killed process left in ``run_dir`` (and one level below); files of
     a process that still runs (another shard writing now) are kept. Returns the removed paths."""

@@ -29,10 +29,10 @@ from core.rundir import (
     CONFIG_FILE,
     CONTRACT_ENTRIES,
     LOCK_ENTRIES,
-    REPO_ROOT,
     ShardBusy,
     atomic_write_bytes,
     held_lock,
+    not_a_folder_of_its_own,
     read_records,
     remove_stale_tmp,
     run_lock,
@@ -70,14 +70,9 @@ def check_out_dir(out_dir: Any) -> Path:
         raise UserError("out_dir is empty: name the run dir, e.g. out_dir=runs/mine (or leave out_dir out for "
                         "the default runs/<model>/<prompts>/<decoder key>_s<seed>)")
     run_dir = Path(str(out_dir)).expanduser()
-    resolved = run_dir.resolve()
-    for what, place in (("the folder this command runs from", Path.cwd().resolve()),
-                        ("the project's checkout", REPO_ROOT.resolve())):
-        if resolved == place or resolved in place.parents:
-            raise UserError(f"out_dir={out_dir} {'is' if resolved == place else 'holds'} {what}: a run dir is a "
-                            "folder of its own; pick a new one, e.g. out_dir=runs/mine")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"out_dir={out_dir} is a file, not a folder; pick another out_dir=...")
+    problem = not_a_folder_of_its_own(run_dir, f"out_dir={out_dir}")
+    if problem:
+        raise UserError(problem)
     if run_dir.is_dir() and not is_run_dir(run_dir):
         foreign = sorted(p.name for p in run_dir.iterdir() if not _leftover(p))
         if foreign:

@@ -76,3 +76,37 @@ def test_shapes_data_for_a_real_model_family_is_refused_before_loading_it(tmp_pa
     with pytest.raises(UserError, match="source=shapes is the embedded shapes world.*train.data.source=shards"):
         run(cfg)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("where", ["foreign", "checkout", "cwd", "cwd_parent", "file"])
+def test_training_refuses_a_run_dir_that_is_not_its_own_before_writing(tmp_path, monkeypatch, where):
+    """A folder with a user's files, the checkout, a folder holding the working directory, or a file: refused
+    with one line naming the problem, and nothing in it changes."""
+    from core.errors import UserError
+    from train.run import compose, run
+
+    work, photos = tmp_path / "user" / "work", tmp_path / "user" / "photos"
+    for folder in (work, photos):
+        folder.mkdir(parents=True)
+        (folder / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    target, match = {
+        "foreign": (photos, "holds files of its own \\(notes.txt\\) and is not a training run dir"),
+        "checkout": (REPO, "is the project's checkout"),
+        "cwd": (work, "is the folder this command runs from"),
+        "cwd_parent": (tmp_path / "user", "holds the folder this command runs from"),
+        "file": (work / "notes.txt", "is a file, not a folder"),
+    }[where]
+    watched = REPO / "conf" if where == "checkout" else tmp_path
+    before = _digest(watched)
+    with pytest.raises(UserError, match=match):
+        run(compose(base(target)))
+    assert _digest(watched) == before and not (REPO / "config.yaml").exists()
+
+
+def test_training_resumes_its_own_run_dir_and_takes_an_empty_one(tmp_path):
+    from train.run import compose, run
+
+    (tmp_path / "empty").mkdir()
+    assert run(compose(base(tmp_path / "empty", "train.stop_after_steps=1"))).steps_done == 1
+    assert run(compose(base(tmp_path / "empty"))).steps_done == 2  # its own earlier run: resumed
