@@ -1,7 +1,8 @@
 """The run-directory contract: the files every stage writes and reads, on the ground floor.
 
 decode writes a run dir, eval reads it, bench and train reuse its helpers; none of them imports another
-stage for it, so this module imports only the standard library and torch (STYLE.md example 7)::
+stage for it, so this module imports only the standard library and torch (yaml lazily, to read a config.yaml;
+STYLE.md example 7)::
 
     config.yaml              the resolved config of the run
     env.json                 git hash, versions, device, hostname (sharded runs: env-{rank}.json)
@@ -32,7 +33,7 @@ import platform
 import socket
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,20 +103,36 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
 
 
-def not_a_folder_of_its_own(run_dir: Path, shown: str) -> str | None:
-    """Why ``run_dir`` (spelled ``shown``, e.g. ``out_dir=runs/x``) cannot be a run dir, or None: it is, or
-    holds, the folder the command runs from or the project's checkout, or it is a file. Every stage that
-    writes a run dir asks this before it writes anything (decode/ownership.py, train/run.py)."""
+def check_own_folder(run_dir: Path, shown: str) -> None:
+    """Refuse (one line) a run dir, spelled ``shown`` (e.g. ``out_dir=runs/x``), that is, or holds, the folder
+    the command runs from or the project's checkout, or that is a file. Every stage that writes a run dir
+    calls this before it writes anything (decode/ownership.py, train/run.py)."""
     resolved = run_dir.resolve()
     key = shown.split("=", 1)[0]
     for what, place in (("the folder this command runs from", Path.cwd().resolve()),
                         ("the project's checkout", REPO_ROOT.resolve())):
         if resolved == place or resolved in place.parents:
-            return (f"{shown} {'is' if resolved == place else 'holds'} {what}: a run dir is a folder of its own; "
-                    f"pick a new one, e.g. {key}=runs/mine")
+            raise UserError(f"{shown} {'is' if resolved == place else 'holds'} {what}: a run dir is a folder of its "
+                            f"own; pick a new one, e.g. {key}=runs/mine")
     if run_dir.exists() and not run_dir.is_dir():
-        return f"{shown} is a file, not a folder; pick another {key}=..."
-    return None
+        raise UserError(f"{shown} is a file, not a folder; pick another {key}=...")
+
+
+def config_has_keys(folder: Path, keys: frozenset[str]) -> bool:
+    """Whether ``folder`` holds a ``config.yaml`` that is a mapping with every one of ``keys`` (a stage's own
+    run dir); a missing, unreadable or non-YAML file is not one."""
+    import yaml
+
+    try:
+        config = yaml.safe_load((Path(folder) / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(config, dict) and keys <= set(config)
+
+
+def some_names(names: Sequence[str], shown: int = 3) -> str:
+    """``a, b, c and 4 more``: the first ``shown`` of ``names``, in their order, for a one-line message."""
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def remove_stale_tmp(run_dir: Path) -> list[Path]:

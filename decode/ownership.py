@@ -31,14 +31,16 @@ from core.rundir import (
     LOCK_ENTRIES,
     ShardBusy,
     atomic_write_bytes,
+    check_own_folder,
+    config_has_keys,
     held_lock,
-    not_a_folder_of_its_own,
     read_records,
     remove_stale_tmp,
     run_lock,
     sample_files,
     shard_lock,
     shard_lock_path,
+    some_names,
 )
 from decode.identity import check_same_config, check_writable, config_diffs
 
@@ -47,13 +49,7 @@ RUN_DIR_KEYS = frozenset({"model", "decoder", "prompts", "seed"})  # a decode co
 
 def is_run_dir(folder: Path) -> bool:
     """Whether ``folder`` holds a decode run's ``config.yaml`` (a mapping with :data:`RUN_DIR_KEYS`)."""
-    import yaml
-
-    try:
-        config = yaml.safe_load((Path(folder) / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return False
-    return isinstance(config, dict) and RUN_DIR_KEYS <= set(config)
+    return config_has_keys(folder, RUN_DIR_KEYS)
 
 
 def _leftover(entry: Path) -> bool:
@@ -70,14 +66,11 @@ def check_out_dir(out_dir: Any) -> Path:
         raise UserError("out_dir is empty: name the run dir, e.g. out_dir=runs/mine (or leave out_dir out for "
                         "the default runs/<model>/<prompts>/<decoder key>_s<seed>)")
     run_dir = Path(str(out_dir)).expanduser()
-    problem = not_a_folder_of_its_own(run_dir, f"out_dir={out_dir}")
-    if problem:
-        raise UserError(problem)
+    check_own_folder(run_dir, f"out_dir={out_dir}")
     if run_dir.is_dir() and not is_run_dir(run_dir):
         foreign = sorted(p.name for p in run_dir.iterdir() if not _leftover(p))
         if foreign:
-            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-            raise UserError(f"out_dir={out_dir} holds files of its own ({shown}) and is not a decode run dir (no "
+            raise UserError(f"out_dir={out_dir} holds files of its own ({some_names(foreign)}) and is not a decode run dir (no "
                             f"decode {CONFIG_FILE}): decode writes only into a new or empty folder or a run dir; "
                             "pick another out_dir=... (force=true never takes over such a folder)")
     check_writable(run_dir)
@@ -145,8 +138,7 @@ def drop_records_without_images(run_dir: Path, records_path: Path, shard: tuple[
                                 f"records are in {f.name}, which a running process writes now; rerun when it ends")
             _rewrite_without(f, drop)
     if names:
-        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        print(f"{run_dir}: {len(names)} finished image(s) had no file ({shown}): decoding them again")
+        print(f"{run_dir}: {len(names)} finished image(s) had no file ({some_names(names)}): decoding them again")
     return names
 
 

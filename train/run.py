@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from core.config import check_device_dtype, compose_config, flatten
 from core.errors import UserError, one_line_errors
-from core.rundir import CONF_DIR, not_a_folder_of_its_own
+from core.rundir import CONF_DIR, check_own_folder, config_has_keys, some_names
 from train.config import DATA_SOURCES, DataConfig, train_config_from_dict
 from train.loop import FitResult, fit
 from train.schema import register
@@ -130,30 +130,19 @@ def model_config_for_rank(model_cfg: dict) -> dict:
 # settings a resumed run may change: they neither change the model nor the schedule
 RESUME_FREE = {"train.log_every", "train.ckpt_every", "train.keep_checkpoints", "train.stop_after_steps",
                "train.export_dir", "model.device"}
+TRAIN_DIR_KEYS = frozenset({"model", "train"})  # a training run's config.yaml has both
 
 
 def check_train_dir(run_dir: Path) -> None:
     """Refuse, before anything is written, a run_dir training may not write into: the folder the command runs
     from, the checkout, a folder holding either, a file, or a folder with files of its own that is not a
-    training run dir (no ``config.yaml`` with ``model`` and ``train``). A new or empty folder, or an earlier
+    training run dir (no ``config.yaml`` with :data:`TRAIN_DIR_KEYS`). A new or empty folder, or an earlier
     run of this stage (resumed, see :func:`check_resume`), is fine."""
-    problem = not_a_folder_of_its_own(run_dir, f"run_dir={run_dir}")
-    if problem:
-        raise UserError(problem)
-    if not run_dir.is_dir() or not any(run_dir.iterdir()):
-        return
-    import yaml
-
-    try:
-        old = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):  # missing, unreadable or not YAML: not a training run's
-        old = None
-    if not (isinstance(old, dict) and {"model", "train"} <= set(old)):
-        names = sorted(p.name for p in run_dir.iterdir())
-        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        raise UserError(f"run_dir={run_dir} holds files of its own ({shown}) and is not a training run dir (no "
-                        "config.yaml of a training run): training writes only into a new or empty folder or its own "
-                        "earlier run dir; pick another run_dir=...")
+    check_own_folder(run_dir, f"run_dir={run_dir}")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not config_has_keys(run_dir, TRAIN_DIR_KEYS):
+        raise UserError(f"run_dir={run_dir} holds files of its own ({some_names(sorted(p.name for p in run_dir.iterdir()))}) "
+                        "and is not a training run dir (no config.yaml of a training run): training writes only into "
+                        "a new or empty folder or its own earlier run dir; pick another run_dir=...")
 
 
 def check_resume(run_dir: Path, resolved: dict, resume: bool, allow_change: bool) -> None:
